@@ -1,0 +1,26 @@
+"""mixserve.kernels: fused ops for routed LoRA experts and paged attention.
+
+Every op is a wrapper (semantics and shapes in its docstring) over a pure-torch reference; Triton
+implementations plug in behind the same wrappers. This package imports torch (and triton) only,
+never the rest of mixserve.
+"""
+
+from __future__ import annotations
+
+from mixserve.kernels.assignments import Segments, build_segments, concat_segments
+from mixserve.kernels.lora import lora_expand, lora_shrink
+from mixserve.kernels.paged_attention import paged_attention, write_kv
+from mixserve.kernels.routing import RoutingParams, RoutingRule, route
+
+__all__ = [
+    "RoutingParams",
+    "RoutingRule",
+    "Segments",
+    "build_segments",
+    "concat_segments",
+    "lora_expand",
+    "lora_shrink",
+    "paged_attention",
+    "route",
+    "write_kv",
+]

@@ -1,0 +1,21 @@
+"""mixserve: serving many Mixture-of-LoRA-Experts adapters on one resident base model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mixserve.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams
+
+if TYPE_CHECKING:
+    from mixserve.llm import LLM
+
+__all__ = ["LLM", "CompletionOutput", "FinishReason", "RequestOutput", "SamplingParams"]
+
+
+def __getattr__(name: str) -> object:
+    # LLM pulls in torch and transformers; import it only when asked for.
+    if name == "LLM":
+        from mixserve.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'mixserve' has no attribute {name!r}")

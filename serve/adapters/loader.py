@@ -1,0 +1,189 @@
+"""load_adapter: folder -> validated AdapterWeights, or a typed AdapterError; no shared state.
+
+Validation happens entirely before anything is handed to the pool, so a bad adapter can never
+disturb adapters already loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+
+import torch
+
+from mixserve.adapters.config_parser import parse_adapter_config
+from mixserve.adapters.errors import (
+    AdapterShapeError,
+    AdapterValueError,
+    BaseModelMismatchError,
+    MissingTensorError,
+    UnexpectedTensorError,
+    UnsupportedAdapterError,
+)
+from mixserve.adapters.files import AdapterFiles, find_adapter_files, read_config, read_weights
+from mixserve.adapters.layout import (
+    ExpectedTensor,
+    expected_tensors,
+    peft_prefix,
+    rename_legacy,
+    targets_from_keys,
+)
+from mixserve.adapters.spec import AdapterFamily, AdapterSpec, SiteKind
+from mixserve.adapters.weights import AdapterWeights, SiteWeights
+from mixserve.model.arch import ArchConfig
+
+logger = logging.getLogger(__name__)
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def load_adapter(name: str, adapter_dir: str, arch: ArchConfig) -> AdapterWeights:
+    files = find_adapter_files(name, adapter_dir)
+    spec = parse_adapter_config(name, files.config_path, read_config(name, files.config_path))
+    weights = read_weights(name, files.weights_path)
+    if spec.legacy_names:
+        weights = rename_legacy(weights)
+    return assemble_adapter(spec, weights, arch, files)
+
+
+def _reject_unsupported(spec: AdapterSpec, weights: dict[str, torch.Tensor], file: str) -> None:
+    magnitude = next((k for k in weights if "lora_magnitude_vector" in k), None)
+    if magnitude is not None:
+        raise UnsupportedAdapterError(
+            spec.name,
+            "PEFT DoRA (trained magnitude vectors) is not served",
+            file=file,
+            key=magnitude,
+        )
+    bias = next((k for k in weights if k.endswith(("lora_A.bias", "lora_B.bias"))), None)
+    if bias is not None:
+        raise UnsupportedAdapterError(spec.name, "LoRA biases are not served", file=file, key=bias)
+    if spec.dora_without_magnitude:
+        logger.warning(
+            "adapter '%s': use_dora without saved magnitudes reloads as plain LoRA "
+            "(as MoE-PEFT does)",
+            spec.name,
+        )
+
+
+def _check_layer_count(
+    spec: AdapterSpec, weights: dict[str, torch.Tensor], arch: ArchConfig, file: str
+) -> None:
+    indices = {int(m.group(1)) for k in weights if (m := _LAYER_INDEX.search(k))}
+    if spec.layers is not None:
+        beyond = [i for i in spec.layers if i >= arch.num_layers]
+        if beyond:
+            raise BaseModelMismatchError(
+                spec.name,
+                f"layers_to_transform names layer {beyond[0]}, the base model has "
+                f"{arch.num_layers} layers",
+                file=file,
+            )
+        return
+    if indices and max(indices) + 1 != arch.num_layers:
+        raise BaseModelMismatchError(
+            spec.name,
+            f"adapter has {max(indices) + 1} layers, the base model has {arch.num_layers}",
+            file=file,
+        )
+
+
+def _check_tensor(spec: AdapterSpec, e: ExpectedTensor, tensor: torch.Tensor, file: str) -> None:
+    if not tensor.dtype.is_floating_point:
+        raise AdapterValueError(
+            spec.name, f"dtype {tensor.dtype} is not a float dtype", file=file, key=e.key
+        )
+    shape = tuple(tensor.shape)
+    if shape != e.shape:
+        if len(shape) != 2:
+            raise AdapterShapeError(
+                spec.name, f"shape {shape}, expected {e.shape}", file=file, key=e.key
+            )
+        # Report the first differing dimension: the adapter's own settings (rank, experts) or a
+        # base-model size (hidden, intermediate, heads), which means another base model.
+        for got, want, what in zip(shape, e.shape, e.dim_names, strict=True):
+            if got == want:
+                continue
+            problem = f"shape {shape}, expected {e.shape}: {what} {got} != {want}"
+            if what in ("rank", "num_experts"):
+                raise AdapterShapeError(
+                    spec.name, problem + " (from adapter_config.json)", file=file, key=e.key
+                )
+            raise BaseModelMismatchError(
+                spec.name, problem + " of the base model", file=file, key=e.key
+            )
+    if not bool(torch.isfinite(tensor).all()):
+        raise AdapterValueError(spec.name, "holds NaN or Inf values", file=file, key=e.key)
+
+
+def _stack_site(
+    spec: AdapterSpec,
+    proj: str,
+    arch: ArchConfig,
+    tensors: dict[str, ExpectedTensor],
+    weights: dict[str, torch.Tensor],
+) -> SiteWeights:
+    num_layers = arch.num_layers
+    kind = spec.site_kind(proj)
+    num_experts = spec.site_experts(proj)
+    rank = spec.max_rank(proj, num_layers)
+    in_features, out_features = arch.projection_shape(proj)
+    lora_a = torch.zeros(num_layers, num_experts, rank, in_features)
+    lora_b = torch.zeros(num_layers, num_experts, out_features, rank)
+    scale = torch.zeros(num_layers, num_experts)
+    router = torch.zeros(num_layers, num_experts, in_features) if kind is SiteKind.ROUTED else None
+    for e in tensors.values():
+        if e.projection != proj:
+            continue
+        value = weights[e.key].to(torch.float32)
+        if e.role == "A":
+            lora_a[e.layer, e.expert, : value.shape[0]] = value
+            scale[e.layer, e.expert] = spec.settings_for(proj, e.layer).scale
+        elif e.role == "B":
+            lora_b[e.layer, e.expert, :, : value.shape[1]] = value
+        else:
+            assert router is not None
+            router[e.layer] = value
+    return SiteWeights(kind=kind, lora_a=lora_a, lora_b=lora_b, scale=scale, router=router)
+
+
+def assemble_adapter(
+    spec: AdapterSpec, weights: dict[str, torch.Tensor], arch: ArchConfig, files: AdapterFiles
+) -> AdapterWeights:
+    """Check every tensor the spec implies against the base model, then stack per site."""
+    file = files.weights_path
+    _reject_unsupported(spec, weights, file)
+    prefix = spec.key_prefix or peft_prefix(spec, weights, file)
+    if spec.targets_from_keys:
+        spec = dataclasses.replace(spec, target_modules=targets_from_keys(weights, prefix))
+    _check_layer_count(spec, weights, arch, file)
+    expected = {e.key: e for e in expected_tensors(spec, arch, prefix)}
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise MissingTensorError(
+            spec.name,
+            f"missing ({len(missing)} of {len(expected)} expected tensors absent)",
+            file=file,
+            key=missing[0],
+        )
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise UnexpectedTensorError(
+            spec.name,
+            f"not explained by adapter_config.json ({len(unexpected)} such tensors)",
+            file=file,
+            key=unexpected[0],
+        )
+    for e in expected.values():
+        _check_tensor(spec, e, weights[e.key], file)
+    sites = {proj: _stack_site(spec, proj, arch, expected, weights) for proj in spec.target_modules}
+    ffn_router = None
+    if spec.family is AdapterFamily.MIXLORA:
+        ffn_router = torch.stack(
+            [
+                weights[f"{prefix}.layers.{i}.mlp.moe_gate.weight"].to(torch.float32)
+                for i in range(arch.num_layers)
+            ]
+        )
+    return AdapterWeights(spec=spec, sites=sites, ffn_router=ffn_router, files=files)

@@ -1,0 +1,205 @@
+"""AdapterPool: fixed slots of stacked adapter tensors that one forward pass gathers from.
+
+Every site tensor is ``[L, S, E, ...]``: slot s holds one adapter (any family), zero-padded to the
+pool's rank and expert count. The pool's shape is fixed at creation; an adapter larger than it is
+refused before its slot is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from mixserve.adapters.errors import AdapterCapacityError
+from mixserve.adapters.spec import AdapterSpec, SiteKind
+from mixserve.adapters.weights import AdapterWeights
+from mixserve.kernels import RoutingParams, RoutingRule
+from mixserve.model.arch import ATTENTION_PROJECTIONS, PROJECTIONS, ArchConfig
+from mixserve.model.context import AdapterStacks, SiteStack
+
+RANK_ALIGNMENT = 8  # keeps every stacked row 16-byte aligned for bf16/fp16 grouped GEMMs
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True, slots=True)
+class PoolShape:
+    max_rank: int
+    attn_experts: int  # E of the q/k/v/o sites
+    mlp_experts: int  # E of the gate/up/down sites and the MixLoRA router
+    attn_routers: bool  # plugin-MoE routers on attention sites (MoLA, DynMoLE)
+    mlp_routers: bool  # plugin-MoE routers on MLP sites (LoRAMoE, MoLA, DynMoLE)
+    ffn_router: bool  # MixLoRA routers
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1 or self.max_rank % RANK_ALIGNMENT:
+            raise ValueError(f"max_rank must be a positive multiple of {RANK_ALIGNMENT}")
+        if self.attn_experts < 1 or self.mlp_experts < 1:
+            raise ValueError("expert counts must be >= 1")
+
+    @staticmethod
+    def covering(
+        specs: Iterable[AdapterSpec], num_layers: int, *, min_rank: int = RANK_ALIGNMENT
+    ) -> PoolShape:
+        """The smallest shape that holds every given adapter."""
+        rank, attn_e, mlp_e = min_rank, 1, 1
+        attn_routers = mlp_routers = ffn_router = False
+        for spec in specs:
+            for proj in spec.target_modules:
+                rank = max(rank, spec.max_rank(proj, num_layers))
+                routed = spec.site_kind(proj) is SiteKind.ROUTED
+                if proj in ATTENTION_PROJECTIONS:
+                    attn_e = max(attn_e, spec.site_experts(proj))
+                    attn_routers |= routed
+                else:
+                    mlp_e = max(mlp_e, spec.site_experts(proj))
+                    mlp_routers |= routed
+            if spec.family.value == "mixlora":
+                mlp_e = max(mlp_e, spec.num_experts)
+                ffn_router = True
+        return PoolShape(
+            _round_up(rank, RANK_ALIGNMENT), attn_e, mlp_e, attn_routers, mlp_routers, ffn_router
+        )
+
+    def experts(self, projection: str) -> int:
+        return self.attn_experts if projection in ATTENTION_PROJECTIONS else self.mlp_experts
+
+    def has_router(self, projection: str) -> bool:
+        return self.attn_routers if projection in ATTENTION_PROJECTIONS else self.mlp_routers
+
+    def check_fits(self, weights: AdapterWeights) -> None:
+        spec = weights.spec
+        for proj, site in weights.sites.items():
+            if site.rank > self.max_rank:
+                raise AdapterCapacityError(
+                    spec.name,
+                    f"{proj}: rank {site.rank} exceeds the pool's max rank {self.max_rank}",
+                )
+            if site.num_experts > self.experts(proj):
+                raise AdapterCapacityError(
+                    spec.name,
+                    f"{proj}: {site.num_experts} experts exceed the pool's {self.experts(proj)}",
+                )
+            if site.router is not None and not self.has_router(proj):
+                raise AdapterCapacityError(
+                    spec.name, f"{proj}: the pool holds no routers at this site"
+                )
+        if weights.ffn_router is not None and (
+            not self.ffn_router or spec.num_experts > self.mlp_experts
+        ):
+            raise AdapterCapacityError(spec.name, "the pool holds no MixLoRA router of this size")
+
+
+class AdapterPool:
+    """Slot tensors plus per-slot routing settings; slot contents change only via load/clear."""
+
+    def __init__(
+        self,
+        arch: ArchConfig,
+        shape: PoolShape,
+        num_slots: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError("num_slots must be >= 1")
+        self.arch, self.shape, self.num_slots = arch, shape, num_slots
+        self.dtype, self.device = dtype, torch.device(device)
+        layers, rank = arch.num_layers, shape.max_rank
+        self._sites: dict[str, SiteStack] = {}
+        for proj in PROJECTIONS:
+            experts = shape.experts(proj)
+            in_f, out_f = arch.projection_shape(proj)
+            zeros = {"dtype": dtype, "device": self.device}
+            router = None
+            if shape.has_router(proj):
+                router = torch.zeros(
+                    layers, num_slots, experts, in_f, dtype=torch.float32, device=self.device
+                )
+            self._sites[proj] = SiteStack(
+                lora_a=torch.zeros(layers, num_slots, experts, rank, in_f, **zeros),
+                lora_b=torch.zeros(layers, num_slots, experts, out_f, rank, **zeros),
+                scale=torch.zeros(
+                    layers, num_slots * experts, dtype=torch.float32, device=self.device
+                ),
+                router=router,
+            )
+        self._ffn_router = None
+        if shape.ffn_router:
+            self._ffn_router = torch.zeros(
+                layers,
+                num_slots,
+                shape.mlp_experts,
+                arch.hidden_size,
+                dtype=torch.float32,
+                device=self.device,
+            )
+        self.routing = RoutingParams.empty(num_slots, self.device)
+        # Per slot: how each site is used ([S] int64 on device, SiteKind values), MixLoRA flag and
+        # expert activation, and the adapter's name (host side).
+        self.site_kinds = {
+            p: torch.zeros(num_slots, dtype=torch.int64, device=self.device) for p in PROJECTIONS
+        }
+        self.ffn_slots = torch.zeros(num_slots, dtype=torch.bool, device=self.device)
+        self.activations: list[str | None] = [None] * num_slots
+        self.names: list[str | None] = [None] * num_slots
+        self.stacks = AdapterStacks(
+            sites=self._sites, ffn_router=self._ffn_router, routing=self.routing
+        )
+
+    def clear(self, slot: int) -> None:
+        for proj, stack in self._sites.items():
+            stack.lora_a[:, slot].zero_()
+            stack.lora_b[:, slot].zero_()
+            experts = stack.num_experts
+            stack.scale[:, slot * experts : (slot + 1) * experts] = 0
+            if stack.router is not None:
+                stack.router[:, slot].zero_()
+            self.site_kinds[proj][slot] = int(SiteKind.NONE)
+        if self._ffn_router is not None:
+            self._ffn_router[:, slot].zero_()
+        self.ffn_slots[slot] = False
+        for field in RoutingParams.__dataclass_fields__:
+            getattr(self.routing, field)[slot] = 0
+        self.activations[slot] = None
+        self.names[slot] = None
+
+    def load(self, slot: int, weights: AdapterWeights) -> None:
+        """Copy a validated adapter into a slot (refused, slot untouched, if it does not fit)."""
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
+        self.shape.check_fits(weights)
+        self.clear(slot)
+        spec = weights.spec
+        for proj, site in weights.sites.items():
+            stack = self._sites[proj]
+            num_e, rank = site.num_experts, site.rank
+            stack.lora_a[:, slot, :num_e, :rank].copy_(site.lora_a)
+            stack.lora_b[:, slot, :num_e, :, :rank].copy_(site.lora_b)
+            first = slot * stack.num_experts
+            stack.scale[:, first : first + num_e].copy_(site.scale)
+            if site.router is not None:
+                assert stack.router is not None
+                stack.router[:, slot, :num_e].copy_(site.router)
+            self.site_kinds[proj][slot] = int(site.kind)
+        if weights.ffn_router is not None:
+            assert self._ffn_router is not None
+            self._ffn_router[:, slot, : spec.num_experts].copy_(weights.ffn_router)
+            self.ffn_slots[slot] = True
+            self.activations[slot] = spec.act_fn or self.arch.hidden_act
+        r = self.routing
+        r.rule[slot] = int(spec.rule) if spec.rule is not RoutingRule.NONE else 0
+        r.num_experts[slot] = spec.num_experts
+        r.top_k[slot] = spec.top_k
+        r.top_p[slot] = spec.top_p
+        r.temperature[slot] = spec.temperature
+        r.entropy_threshold[slot] = spec.entropy_threshold
+        r.entropy_index[slot] = spec.entropy_index
+        r.entropy_renyi[slot] = spec.entropy_renyi
+        r.entropy_eps[slot] = spec.entropy_eps
+        r.keep_top_k[slot] = spec.keep_top_k
+        self.names[slot] = spec.name

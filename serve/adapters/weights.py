@@ -1,0 +1,53 @@
+"""AdapterWeights: one canonical, validated form for every adapter family.
+
+Per projection site, A/B of all layers and experts are stacked (rank zero-padded to the site's
+largest rank), which is the layout the slot pool copies from in one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from mixserve.adapters.files import AdapterFiles
+from mixserve.adapters.spec import AdapterSpec, SiteKind
+
+
+@dataclass(frozen=True, slots=True)
+class SiteWeights:
+    kind: SiteKind
+    lora_a: torch.Tensor  # [L, E, R, in] float32
+    lora_b: torch.Tensor  # [L, E, out, R] float32
+    scale: torch.Tensor  # [L, E] float32; 0 in layers the adapter does not adapt
+    router: torch.Tensor | None  # [L, E, in] float32 (ROUTED sites)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.lora_a.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[2])
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterWeights:
+    spec: AdapterSpec
+    sites: Mapping[str, SiteWeights]  # targeted projections only
+    ffn_router: torch.Tensor | None  # [L, E, hidden] float32 (MixLoRA)
+    files: AdapterFiles
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.ffn_router] if self.ffn_router is not None else []
+        for site in self.sites.values():
+            tensors += [site.lora_a, site.lora_b, site.scale]
+            if site.router is not None:
+                tensors.append(site.router)
+        return sum(t.numel() * t.element_size() for t in tensors)

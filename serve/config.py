@@ -1,0 +1,87 @@
+"""Engine configuration: frozen dataclasses validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        if value not in _DTYPES.values():
+            raise ValueError(f"dtype {value} is not supported (float32, bfloat16, float16)")
+        return value
+    try:
+        return _DTYPES[value.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {value!r} (float32, bfloat16, float16)") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model: str | None = None  # local Hugging Face folder; None = the embedded SmolLM2
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.dtype)
+        torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 512 * 2**20
+    num_kv_blocks: int | None = None  # overrides the memory budget when set
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.kv_cache_memory_bytes < 1:
+            raise ValueError("kv_cache_memory_bytes must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # running sequences per step
+    max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # prompt + output tokens; None = the model's limit
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterPoolConfig:
+    """Slot pool sizing. None = just large enough for the adapters given at start-up."""
+
+    max_lora_rank: int | None = None
+    max_experts: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ValueError("max_lora_rank must be >= 1")
+        if self.max_experts is not None and self.max_experts < 1:
+            raise ValueError("max_experts must be >= 1")

@@ -1,0 +1,32 @@
+"""Shared fixtures. Tiny models are built per test session in a temp folder; SmolLM2 is converted
+once into the cache ($MIXSERVE_CACHE, default ~/.cache/mixserve) and reused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    from mixserve.model.default_model import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One saved tiny random model per family (fp32)."""
+    from support.tiny_models import FAMILIES, save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {f: save_tiny_model(str(root / f), f, seed=i) for i, f in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs: dict[str, str]) -> str:
+    return tiny_model_dirs["llama"]
