@@ -24,7 +24,12 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from support.tiny_models import FAMILIES, save_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
-    return {f: save_tiny_model(str(root / f), f, seed=i) for i, f in enumerate(FAMILIES)}
+    dirs = {f: save_tiny_model(str(root / f), f, seed=i) for i, f in enumerate(FAMILIES)}
+    # A llama with q/k/v/o and MLP biases: MixLoRA weights the down bias inside each expert.
+    dirs["llama-bias"] = save_tiny_model(
+        str(root / "llama-bias"), "llama", seed=7, attention_bias=True, mlp_bias=True
+    )
+    return dirs
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -69,6 +70,8 @@ class _Reader:
             raise self.fail(key, "required")
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise self.fail(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise self.fail(key, f"must be finite, got {value!r}")
         below = value <= low if low_open else value < low
         if below or value > high:
             bound = f"{'>' if low_open else '>='} {low}" + (
@@ -98,6 +101,12 @@ def _family(r: _Reader) -> tuple[AdapterFamily, str | None, bool]:
     """(family, routing strategy, legacy naming) by MoE-PEFT's precedence."""
     peft_type = r.raw.get("peft_type")
     strategy = r.raw.get("routing_strategy")
+    if strategy is not None and not isinstance(strategy, str):
+        raise UnknownRoutingStrategyError(
+            r.adapter, f"must be a string, got {strategy!r}", file=r.file, key="routing_strategy"
+        )
+    if peft_type is not None and not isinstance(peft_type, str):
+        raise r.fail("peft_type", f"must be a string, got {peft_type!r}")
     legacy = strategy == _LEGACY_STRATEGY
     if legacy:
         strategy = "mixlora"

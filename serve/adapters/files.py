@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from mixserve.adapters.errors import (
 # Preferred first. The mixlora_* pair is the oldest m-LoRA MixLoRA naming.
 CONFIG_FILE_NAMES = ("adapter_config.json", "mixlora_config.json")
 WEIGHT_FILE_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "mixlora_model.bin")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +64,24 @@ def read_config(name: str, path: str) -> Any:
         raise AdapterConfigError(name, f"invalid JSON ({exc})", file=path) from exc
 
 
+def _refusal_reason(exc: Exception) -> str:
+    """The informative line of torch's weights_only refusal (it names the refused global)."""
+    lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
 def _read_bin(name: str, path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdapterFileError(
-            name, f"not a plain tensor file: refused to unpickle ({first_line})", file=path
+            name,
+            f"not a plain tensor file: refused to unpickle ({_refusal_reason(exc)})",
+            file=path,
         ) from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError) as exc:
         raise AdapterFileError(name, f"truncated or corrupt file ({exc})", file=path) from exc

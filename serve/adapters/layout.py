@@ -12,6 +12,7 @@ Every layer of the base model is adapted (PEFT's layers_to_transform aside); a k
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -131,24 +132,22 @@ _DIM_NAMES = {
 }
 
 
-def expected_tensors(spec: AdapterSpec, arch: ArchConfig, prefix: str) -> list[ExpectedTensor]:
-    """Every tensor the spec implies for this base model, in a stable order."""
-    expected: list[ExpectedTensor] = []
+def expected_tensors(spec: AdapterSpec, arch: ArchConfig, prefix: str) -> Iterator[ExpectedTensor]:
+    """Every tensor the spec implies for this base model, in a stable order (lazily: a config
+    claiming absurdly many experts fails at its first missing tensor, not after listing them)."""
     for layer in range(arch.num_layers):
         if not spec.uses_layer(layer):
             continue
         if spec.family is AdapterFamily.MIXLORA:
             key = f"{prefix}.layers.{layer}.mlp.moe_gate.weight"
-            expected.append(
-                ExpectedTensor(
-                    key,
-                    None,
-                    layer,
-                    0,
-                    "router",
-                    (spec.num_experts, arch.hidden_size),
-                    ("num_experts", "hidden size"),
-                )
+            yield ExpectedTensor(
+                key,
+                None,
+                layer,
+                0,
+                "router",
+                (spec.num_experts, arch.hidden_size),
+                ("num_experts", "hidden size"),
             )
         for proj in spec.target_modules:
             kind = spec.site_kind(proj)
@@ -157,24 +156,22 @@ def expected_tensors(spec: AdapterSpec, arch: ArchConfig, prefix: str) -> list[E
             r = spec.settings_for(proj, layer).r
             site = f"{prefix}.layers.{layer}.{module_group(proj)}.{proj}"
             if kind is SiteKind.LORA:
-                expected += _pair(
+                yield from _pair(
                     site, proj, layer, 0, r, in_features, out_features, in_name, out_name
                 )
                 continue
             if kind is SiteKind.ROUTED:
-                expected.append(
-                    ExpectedTensor(
-                        f"{site}.moe_gate.weight",
-                        proj,
-                        layer,
-                        0,
-                        "router",
-                        (spec.num_experts, in_features),
-                        ("num_experts", in_name),
-                    )
+                yield ExpectedTensor(
+                    f"{site}.moe_gate.weight",
+                    proj,
+                    layer,
+                    0,
+                    "router",
+                    (spec.num_experts, in_features),
+                    ("num_experts", in_name),
                 )
             for expert in range(spec.num_experts):
-                expected += _pair(
+                yield from _pair(
                     f"{site}.experts.{expert}",
                     proj,
                     layer,
@@ -185,4 +182,3 @@ def expected_tensors(spec: AdapterSpec, arch: ArchConfig, prefix: str) -> list[E
                     in_name,
                     out_name,
                 )
-    return expected

@@ -158,15 +158,13 @@ def assemble_adapter(
     if spec.targets_from_keys:
         spec = dataclasses.replace(spec, target_modules=targets_from_keys(weights, prefix))
     _check_layer_count(spec, weights, arch, file)
-    expected = {e.key: e for e in expected_tensors(spec, arch, prefix)}
-    missing = [k for k in expected if k not in weights]
-    if missing:
-        raise MissingTensorError(
-            spec.name,
-            f"missing ({len(missing)} of {len(expected)} expected tensors absent)",
-            file=file,
-            key=missing[0],
-        )
+    expected: dict[str, ExpectedTensor] = {}
+    for e in expected_tensors(spec, arch, prefix):
+        if e.key not in weights:
+            raise MissingTensorError(
+                spec.name, "missing (adapter_config.json implies it)", file=file, key=e.key
+            )
+        expected[e.key] = e
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         raise UnexpectedTensorError(

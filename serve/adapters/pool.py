@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mixserve.adapters.errors import AdapterCapacityError
-from mixserve.adapters.spec import AdapterSpec, SiteKind
+from mixserve.adapters.errors import AdapterCapacityError, BaseModelMismatchError
+from mixserve.adapters.spec import AdapterFamily, AdapterSpec, SiteKind
 from mixserve.adapters.weights import AdapterWeights
 from mixserve.kernels import RoutingParams, RoutingRule
 from mixserve.model.arch import ATTENTION_PROJECTIONS, PROJECTIONS, ArchConfig
@@ -58,7 +58,7 @@ class PoolShape:
                 else:
                     mlp_e = max(mlp_e, spec.site_experts(proj))
                     mlp_routers |= routed
-            if spec.family.value == "mixlora":
+            if spec.family is AdapterFamily.MIXLORA:
                 mlp_e = max(mlp_e, spec.num_experts)
                 ffn_router = True
         return PoolShape(
@@ -168,10 +168,38 @@ class AdapterPool:
         self.activations[slot] = None
         self.names[slot] = None
 
+    def _check_base_model(self, weights: AdapterWeights) -> None:
+        """The adapter was validated against this pool's base model (layers and sizes agree)."""
+        arch = self.arch
+        for proj, site in weights.sites.items():
+            in_f, out_f = arch.projection_shape(proj)
+            layers, _, _, got_in = site.lora_a.shape
+            got_out = site.lora_b.shape[2]
+            if (layers, got_in, got_out) != (arch.num_layers, in_f, out_f):
+                raise BaseModelMismatchError(
+                    weights.name,
+                    f"{proj}: built for {layers} layers of {got_in}->{got_out}, the pool's base "
+                    f"model has {arch.num_layers} layers of {in_f}->{out_f}",
+                    file=weights.files.weights_path,
+                )
+        router = weights.ffn_router
+        if router is not None and (router.shape[0], router.shape[2]) != (
+            arch.num_layers,
+            arch.hidden_size,
+        ):
+            raise BaseModelMismatchError(
+                weights.name,
+                f"MixLoRA router built for {router.shape[0]} layers of hidden size "
+                f"{router.shape[2]}, the pool's base model has {arch.num_layers} x "
+                f"{arch.hidden_size}",
+                file=weights.files.weights_path,
+            )
+
     def load(self, slot: int, weights: AdapterWeights) -> None:
         """Copy a validated adapter into a slot (refused, slot untouched, if it does not fit)."""
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
+        self._check_base_model(weights)
         self.shape.check_fits(weights)
         self.clear(slot)
         spec = weights.spec

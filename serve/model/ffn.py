@@ -106,6 +106,13 @@ def mlp_forward(
         )
 
     out = linear(hidden, down_weight, down_bias)  # [T, H]
+    if down_bias is not None and expert_segments is not None:
+        # Each expert's output carries the bias, so MixLoRA rows get (sum_e w_e) * b; that is 1 * b
+        # only under renormalised top-k (top-p and switch weights do not sum to 1).
+        weight_sums = torch.zeros(out.shape[0], dtype=torch.float32, device=out.device)
+        weight_sums.index_add_(0, expert_segments.row_ids, expert_segments.weights)
+        correction = (weight_sums[ffn.rows] - 1).to(out.dtype)  # type: ignore[union-attr]
+        out[ffn.rows] += correction[:, None] * down_bias  # type: ignore[union-attr]
     add_site_delta(lora, "down_proj", layer_idx, hidden, out)
     if expert_segments is not None and expert_segments.num_assignments:
         stack = lora.stacks.sites["down_proj"]

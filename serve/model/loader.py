@@ -28,6 +28,12 @@ def _weight_files(model_dir: str) -> list[str]:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(index_path, f"unreadable shard index ({exc})") from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise ModelLoadError(
+                index_path, "unreadable shard index ('weight_map' must map tensor names to files)"
+            )
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))

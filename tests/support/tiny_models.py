@@ -85,3 +85,22 @@ def load_reference(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Mo
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation="eager"
     ).eval()
+
+
+def save_tiny_tokenizer(path: str, vocab_size: int = 256) -> None:
+    """A byte-level BPE tokenizer with no merges (one token per byte) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {char: i for i, char in enumerate(sorted(alphabet))}
+    assert len(vocab) == vocab_size
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    tokenizer.save_pretrained(path)
