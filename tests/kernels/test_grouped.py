@@ -1,0 +1,198 @@
+"""grouped_matmul / segment_matmul against per-row float64 matmuls, on the grouped_mm path and on
+the per-group loop it falls back to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixserve.kernels import _grouped
+from mixserve.kernels._grouped import grouped_matmul, segment_matmul
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+
+
+def naive(a: torch.Tensor, b: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(a.shape[0], b.shape[-1], dtype=torch.float64)
+    for p in range(a.shape[0]):
+        out[p] = a[p].double() @ b[int(group_ids[p])].double()
+    return out
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype
+    assert got.shape == want.shape
+    tol = TOL[dtype]
+    scale = float(want.abs().max()) if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale)
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy whose data pointer is off the 16-byte grid."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16
+    return out
+
+
+@pytest.fixture
+def grouped_mm_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts calls into F.grouped_mm, to tell which path a case took."""
+    calls: list[int] = []
+    if not _grouped._HAS_GROUPED_MM:
+        return calls
+    real = F.grouped_mm
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_grouped.F, "grouped_mm", spy)
+    return calls
+
+
+def sorted_ids(num_rows: int, groups: list[int], gen: torch.Generator) -> torch.Tensor:
+    choice = torch.randint(0, len(groups), (num_rows,), generator=gen)
+    return torch.sort(torch.tensor(groups)[choice]).values
+
+
+def weights_in_layout(
+    layout: str, shape: tuple[int, int, int], dtype: torch.dtype, gen: torch.Generator
+) -> torch.Tensor:
+    """A [G, K, N] weight in dtype with the given memory layout."""
+    g, k, n = shape
+    if layout == "contiguous":
+        return torch.randn(g, k, n, generator=gen).to(dtype)
+    if layout == "transposed":
+        return torch.randn(g, n, k, generator=gen).to(dtype).transpose(1, 2)
+    if layout == "column_slice":
+        return torch.randn(g, k, n + 16, generator=gen).to(dtype)[:, :, 8 : 8 + n]
+    if layout == "misaligned_pointer":
+        return misaligned(torch.randn(g, k, n, generator=gen).to(dtype))
+    raise ValueError(layout)
+
+
+# (layout, K, N, takes the grouped_mm path)
+LAYOUTS = [
+    ("contiguous", 16, 24, True),
+    ("transposed", 16, 24, True),
+    ("column_slice", 16, 24, True),
+    ("contiguous", 6, 24, False),  # a's row stride is 12 or 24 bytes
+    ("contiguous", 16, 6, False),  # b's row stride is 12 or 24 bytes
+    ("transposed", 6, 24, False),
+    ("misaligned_pointer", 16, 24, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("layout", "k", "n", "fast"), LAYOUTS)
+def test_grouped_matmul_matches_per_row_loop(grouped_mm_calls, dtype, layout, k, n, fast):
+    gen = torch.Generator().manual_seed(1)
+    b = weights_in_layout(layout, (9, k, n), dtype, gen)
+    a = torch.randn(70, k, generator=gen).to(dtype)
+    ids = sorted_ids(70, [1, 2, 4, 5, 8], gen)
+    got = grouped_matmul(a, b, ids)
+    assert_matches(got, naive(a, b, ids), dtype)
+    assert bool(grouped_mm_calls) == (fast and _grouped._HAS_GROUPED_MM)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_path_and_loop_compute_the_same_function(grouped_mm_calls, dtype):
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(200, 32, generator=gen).to(dtype)
+    b = torch.randn(12, 32, 40, generator=gen).to(dtype)
+    ids = sorted_ids(200, [0, 3, 4, 7, 11], gen)
+    fast = grouped_matmul(a, b, ids)
+    assert bool(grouped_mm_calls) == _grouped._HAS_GROUPED_MM
+    grouped_mm_calls.clear()
+    loop = grouped_matmul(misaligned(a), misaligned(b), ids)
+    assert not grouped_mm_calls
+    want = naive(a, b, ids)
+    assert_matches(fast, want, dtype)
+    assert_matches(loop, want, dtype)
+    assert_matches(fast, loop.double(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_huge_group(dtype):
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(1500, 16, generator=gen).to(dtype)
+    b = torch.randn(8, 16, 8, generator=gen).to(dtype)
+    ids = torch.full((1500,), 5, dtype=torch.int64)
+    assert_matches(grouped_matmul(a, b, ids), naive(a, b, ids), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_empty_groups_take_the_loop(grouped_mm_calls, dtype):
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(40, 16, generator=gen).to(dtype)
+    b = torch.randn(300, 16, 8, generator=gen).to(dtype)
+    ids = sorted_ids(40, [2, 150, 299], gen)
+    assert_matches(grouped_matmul(a, b, ids), naive(a, b, ids), dtype)
+    assert not grouped_mm_calls
+
+
+def test_sparse_but_not_mostly_empty_groups_take_grouped_mm(grouped_mm_calls):
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(64, 16, generator=gen)
+    b = torch.randn(64, 16, 8, generator=gen)
+    # 4 used groups spread over a range of 20, starting away from 0, with empty groups between.
+    ids = sorted_ids(64, [40, 47, 52, 59], gen)
+    assert_matches(grouped_matmul(a, b, ids), naive(a, b, ids), torch.float32)
+    assert bool(grouped_mm_calls) == _grouped._HAS_GROUPED_MM
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["column_major", "column_slice"])
+def test_strided_a(dtype, layout):
+    gen = torch.Generator().manual_seed(9)
+    if layout == "column_major":
+        a = torch.randn(16, 64, generator=gen).to(dtype).t()  # [64, 16], stride (1, 64)
+    else:
+        a = torch.randn(64, 48, generator=gen).to(dtype)[:, 8:24]
+    b = torch.randn(6, 16, 24, generator=gen).to(dtype)
+    ids = sorted_ids(64, [0, 2, 5], gen)
+    assert_matches(grouped_matmul(a, b, ids), naive(a, b, ids), dtype)
+
+
+def test_mixed_dtypes_return_a_dtype():
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(30, 16, generator=gen).to(torch.bfloat16)
+    b = torch.randn(4, 16, 8, generator=gen)
+    ids = sorted_ids(30, [0, 1, 3], gen)
+    assert_matches(grouped_matmul(a, b, ids), naive(a, b, ids), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_input(dtype):
+    a = torch.zeros(0, 16, dtype=dtype)
+    b = torch.randn(3, 16, 5).to(dtype)
+    ids = torch.zeros(0, dtype=torch.int64)
+    for got in (grouped_matmul(a, b, ids), segment_matmul(a, b, ids)):
+        assert got.shape == (0, 5) and got.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("k", "n"), [(16, 24), (6, 10)])
+def test_segment_matmul_with_unsorted_group_ids(dtype, k, n):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(150, k, generator=gen).to(dtype)
+    b = torch.randn(10, n, k, generator=gen).to(dtype).transpose(1, 2)
+    ids = torch.randint(0, 10, (150,), generator=gen)
+    assert not torch.all(ids[1:] >= ids[:-1])
+    assert_matches(segment_matmul(x, b, ids), naive(x, b, ids), dtype)
+
+
+def test_segment_matmul_single_row_and_single_group():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 16, generator=gen)
+    b = torch.randn(1, 16, 4, generator=gen)
+    ids = torch.zeros(1, dtype=torch.int64)
+    assert_matches(segment_matmul(x, b, ids), naive(x, b, ids), torch.float32)

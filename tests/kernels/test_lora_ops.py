@@ -1,0 +1,266 @@
+"""lora_shrink / lora_expand against per-assignment float64 loops over a grid of dtypes, ranks,
+expert and slot counts, segment shapes and output layouts."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from mixserve.kernels import Segments, lora_expand, lora_shrink
+
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+RANKS = [4, 8, 16, 32, 64]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    num_tokens: int
+    num_slots: int
+    num_experts: int
+    hidden: int  # K
+    out_features: int  # N_out
+    max_fanout: int  # experts per token, 1..max_fanout
+    used_groups: tuple[int, ...] | None = None  # restrict assignments to these groups
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_slots * self.num_experts
+
+
+SCENARIOS = {
+    "plain_one_token": Scenario(1, 1, 1, 32, 16, 1),
+    "few_slots": Scenario(100, 5, 4, 40, 24, 2),
+    "unaligned_dims": Scenario(60, 3, 3, 6, 10, 2),
+    "all_ranks": Scenario(256, 6, 4, 64, 48, 3),
+    "many_slots_and_experts": Scenario(512, 32, 16, 64, 48, 4),
+    "one_huge_segment": Scenario(512, 4, 8, 32, 16, 1, used_groups=(21,)),
+    "mostly_empty_groups": Scenario(80, 32, 16, 32, 16, 1, used_groups=(3, 200, 511)),
+    "no_assignments": Scenario(0, 4, 4, 32, 16, 1),
+}
+# Half-precision CPU GEMMs cost a thread-pool round trip per group, which is slow on a loaded
+# 2-core machine; the 512-group case runs in float32 only ("all_ranks" covers the rank mix).
+CASES = [
+    pytest.param(SCENARIOS[name], dtype.values[0], id=f"{name}-{dtype.id}")
+    for name in SCENARIOS
+    for dtype in DTYPES
+    if name != "many_slots_and_experts" or dtype.id == "fp32"
+]
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # [N, K]
+    lora_a: torch.Tensor  # [G, R, K], rows >= the group's rank are zero
+    lora_b: torch.Tensor  # [G, N_out, R], columns >= the group's rank are zero
+    ranks: list[int]  # per group
+    segments: Segments
+    coef: torch.Tensor  # [P] float32
+
+
+@functools.cache
+def make_batch(sc: Scenario, dtype: torch.dtype, seed: int) -> Batch:
+    """Shared between tests, which only read it."""
+    gen = torch.Generator().manual_seed(seed)
+    max_rank = max(RANKS) if sc.num_groups > 1 else 8
+    # One rank per adapter slot, shared by its experts; slots cycle through the rank list.
+    slot_ranks = [RANKS[s % len(RANKS)] if sc.num_groups > 1 else 8 for s in range(sc.num_slots)]
+    ranks = [slot_ranks[g // sc.num_experts] for g in range(sc.num_groups)]
+    in_rank = torch.arange(max_rank)[None, :] < torch.tensor(ranks)[:, None]  # [G, R]
+    lora_a = torch.randn(sc.num_groups, max_rank, sc.hidden, generator=gen) / math.sqrt(sc.hidden)
+    lora_a = lora_a * in_rank[:, :, None]
+    lora_b = torch.randn(sc.num_groups, sc.out_features, max_rank, generator=gen)
+    lora_b = lora_b / torch.tensor(ranks, dtype=torch.float32).sqrt()[:, None, None]
+    lora_b = lora_b * in_rank[:, None, :]
+
+    assignments = []  # (row, group, weight)
+    for row in range(sc.num_tokens):
+        if sc.used_groups is not None:
+            pick = int(torch.randint(0, len(sc.used_groups), (1,), generator=gen))
+            groups = [sc.used_groups[pick]]
+        else:
+            slot = int(torch.randint(0, sc.num_slots, (1,), generator=gen))
+            fanout = int(
+                torch.randint(1, min(sc.max_fanout, sc.num_experts) + 1, (1,), generator=gen)
+            )
+            experts = torch.randperm(sc.num_experts, generator=gen)[:fanout].tolist()
+            groups = [slot * sc.num_experts + e for e in experts]
+        for g in groups:
+            assignments.append((row, g, float(torch.rand(1, generator=gen)) + 0.05))
+    assignments.sort(key=lambda a: a[1])
+    segments = Segments(
+        row_ids=torch.tensor([a[0] for a in assignments], dtype=torch.int64),
+        group_ids=torch.tensor([a[1] for a in assignments], dtype=torch.int64),
+        weights=torch.tensor([a[2] for a in assignments], dtype=torch.float32),
+    )
+    slot_scale = torch.rand(sc.num_slots, generator=gen) * 2 + 0.5
+    coef = segments.weights * slot_scale[segments.group_ids // sc.num_experts]
+    x = torch.randn(sc.num_tokens, sc.hidden, generator=gen)
+    return Batch(x.to(dtype), lora_a.to(dtype), lora_b.to(dtype), ranks, segments, coef)
+
+
+def naive_shrink(
+    x: torch.Tensor, lora_a: torch.Tensor, segments: Segments, gather: bool
+) -> torch.Tensor:
+    num = segments.num_assignments
+    out = torch.zeros(num, lora_a.shape[1], dtype=torch.float64)
+    for p in range(num):
+        row = int(segments.row_ids[p]) if gather else p
+        out[p] = x[row].double() @ lora_a[int(segments.group_ids[p])].double().T
+    return out
+
+
+def naive_expand(
+    s: torch.Tensor,
+    lora_b: torch.Tensor,
+    segments: Segments,
+    coef: torch.Tensor,
+    out: torch.Tensor,
+    scatter: bool,
+) -> torch.Tensor:
+    want = out.double().clone()
+    for p in range(segments.num_assignments):
+        row = int(segments.row_ids[p]) if scatter else p
+        delta = s[p].double() @ lora_b[int(segments.group_ids[p])].double().T
+        want[row] += float(coef[p]) * delta
+    return want
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.shape == want.shape
+    tol = TOL[dtype]
+    scale = float(want.abs().max()) if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize(("scenario", "dtype"), CASES)
+@pytest.mark.parametrize("gather_rows", [True, False])
+def test_lora_shrink(scenario, dtype, gather_rows):
+    batch = make_batch(scenario, dtype, seed=11)
+    seg = batch.segments
+    x = batch.x if gather_rows else batch.x[seg.row_ids]
+    got = lora_shrink(x, batch.lora_a, seg, gather_rows=gather_rows)
+    assert got.dtype == dtype
+    assert_matches(got, naive_shrink(x, batch.lora_a, seg, gather_rows), dtype)
+    # Zero-padded rank rows of A give exact zeros in the padded columns of s.
+    for p in range(seg.num_assignments):
+        rank = batch.ranks[int(seg.group_ids[p])]
+        assert torch.all(got[p, rank:] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gather_rows", [True, False])
+def test_lora_shrink_reads_a_strided_x(dtype, gather_rows):
+    """x as a column slice of a wider activation (e.g. one part of a fused projection)."""
+    batch = make_batch(SCENARIOS["few_slots"], dtype, seed=17)
+    seg = batch.segments
+    dense = batch.x if gather_rows else batch.x[seg.row_ids]
+    wide = torch.zeros(dense.shape[0], dense.shape[1] + 12, dtype=dtype)
+    wide[:, 4 : 4 + dense.shape[1]] = dense
+    x = wide[:, 4 : 4 + dense.shape[1]]
+    assert not x.is_contiguous()
+    got = lora_shrink(x, batch.lora_a, seg, gather_rows=gather_rows)
+    assert_matches(got, naive_shrink(dense, batch.lora_a, seg, gather_rows), dtype)
+
+
+OUT_KINDS = ["zeros", "accumulate", "column_slice", "fp32_buffer"]
+
+
+def make_out(kind: str, rows: int, cols: int, dtype: torch.dtype, gen: torch.Generator):
+    """(out, its backing tensor): out may be a strided view into the backing tensor."""
+    if kind == "zeros":
+        backing = torch.zeros(rows, cols, dtype=dtype)
+        return backing, backing
+    if kind == "accumulate":
+        backing = torch.randn(rows, cols, generator=gen).to(dtype)
+        return backing, backing
+    if kind == "column_slice":
+        backing = torch.randn(rows, 3 * cols + 5, generator=gen).to(dtype)
+        out = backing[:, cols + 3 : 2 * cols + 3]
+        assert not out.is_contiguous() or rows <= 1
+        return out, backing
+    assert kind == "fp32_buffer"
+    backing = torch.randn(rows, cols, generator=gen)
+    return backing, backing
+
+
+def check_expand(
+    batch: Batch, dtype: torch.dtype, scatter_rows: bool, out_kind: str, num_tokens: int
+) -> None:
+    seg = batch.segments
+    gen = torch.Generator().manual_seed(13)
+    out_features = batch.lora_b.shape[1]
+    # Padded rank columns of s hold garbage: the zero columns of B must cancel them.
+    s = torch.randn(seg.num_assignments, batch.lora_b.shape[-1], generator=gen).to(dtype)
+    rows = num_tokens if scatter_rows else seg.num_assignments
+    out, backing = make_out(out_kind, rows, out_features, dtype, gen)
+    before = backing.clone()
+    want = naive_expand(s, batch.lora_b, seg, batch.coef, out, scatter_rows)
+
+    assert lora_expand(s, batch.lora_b, seg, batch.coef, out, scatter_rows=scatter_rows) is None
+    assert_matches(out, want, dtype)
+    if out_kind == "column_slice":
+        untouched = torch.ones_like(backing, dtype=torch.bool)
+        untouched[:, out_features + 3 : 2 * out_features + 3] = False
+        assert torch.equal(backing[untouched], before[untouched])
+    if seg.num_assignments == 0:
+        assert torch.equal(backing, before)
+
+
+@pytest.mark.parametrize(("scenario", "dtype"), CASES)
+@pytest.mark.parametrize("scatter_rows", [True, False])
+def test_lora_expand_accumulates(scenario, dtype, scatter_rows):
+    batch = make_batch(scenario, dtype, seed=12)
+    check_expand(batch, dtype, scatter_rows, "accumulate", scenario.num_tokens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_kind", OUT_KINDS)
+@pytest.mark.parametrize("scatter_rows", [True, False])
+def test_lora_expand_output_layouts(dtype, out_kind, scatter_rows):
+    scenario = SCENARIOS["few_slots"]
+    batch = make_batch(scenario, dtype, seed=16)
+    check_expand(batch, dtype, scatter_rows, out_kind, scenario.num_tokens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_without_assignments_are_left_alone(dtype):
+    batch = make_batch(SCENARIOS["few_slots"], dtype, seed=14)
+    seg = batch.segments
+    keep = seg.row_ids % 3 != 0  # drop every assignment of every third row
+    sub = Segments(seg.row_ids[keep], seg.group_ids[keep], seg.weights[keep])
+    s = lora_shrink(batch.x, batch.lora_a, sub)
+    out = torch.randn(batch.x.shape[0], SCENARIOS["few_slots"].out_features).to(dtype)
+    before = out.clone()
+    lora_expand(s, batch.lora_b, sub, batch.coef[keep], out)
+    idle = torch.arange(out.shape[0]) % 3 == 0
+    assert torch.equal(out[idle], before[idle])
+    assert not torch.equal(out[~idle], before[~idle])
+
+
+@pytest.mark.parametrize(("scenario", "dtype"), CASES)
+def test_shrink_then_expand_is_the_routed_lora_delta(scenario, dtype):
+    """y[r] += coef * B_g (A_g x[r]) summed over each row's assignments, end to end."""
+    batch = make_batch(scenario, dtype, seed=15)
+    seg = batch.segments
+    out = torch.zeros(scenario.num_tokens, scenario.out_features, dtype=dtype)
+    s = lora_shrink(batch.x, batch.lora_a, seg)
+    lora_expand(s, batch.lora_b, seg, batch.coef, out)
+
+    want = torch.zeros(scenario.num_tokens, scenario.out_features, dtype=torch.float64)
+    for p in range(seg.num_assignments):
+        row, group = int(seg.row_ids[p]), int(seg.group_ids[p])
+        rank = batch.ranks[group]
+        a = batch.lora_a[group, :rank].double()
+        b = batch.lora_b[group, :, :rank].double()
+        want[row] += float(batch.coef[p]) * (b @ (a @ batch.x[row].double()))
+    # Two roundings to dtype (s, then the output) on the half-precision path.
+    assert_matches(out, want, dtype)
