@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from mixserve.kernels.assignments import Segments, build_segments, concat_segments
 from mixserve.kernels.lora import lora_expand, lora_shrink
+from mixserve.kernels.moe_lora_ffn import ExpertLora, moe_lora_ffn
 from mixserve.kernels.paged_attention import paged_attention, write_kv
 from mixserve.kernels.routing import RoutingParams, RoutingRule, route
 
 __all__ = [
+    "ExpertLora",
     "RoutingParams",
     "RoutingRule",
     "Segments",
@@ -20,6 +22,7 @@ __all__ = [
     "concat_segments",
     "lora_expand",
     "lora_shrink",
+    "moe_lora_ffn",
     "paged_attention",
     "route",
     "write_kv",

@@ -62,7 +62,7 @@ def segment_matmul(x: torch.Tensor, b: torch.Tensor, group_ids: torch.Tensor) ->
     x: [N, K]; b: [G, K, N_out]; group_ids: [N] int64. Returns [N, N_out] in x's dtype.
     """
     order = torch.argsort(group_ids, stable=True)
-    sorted_out = grouped_matmul(x[order], b, group_ids[order])
+    sorted_out = grouped_matmul(x.index_select(0, order), b, group_ids[order])
     out = torch.empty_like(sorted_out)
     out[order] = sorted_out
     return out

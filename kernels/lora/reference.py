@@ -15,7 +15,7 @@ def lora_shrink(
     *,
     gather_rows: bool,
 ) -> torch.Tensor:
-    rows = x[segments.row_ids] if gather_rows else x
+    rows = x.index_select(0, segments.row_ids) if gather_rows else x
     return grouped_matmul(rows, lora_a.transpose(1, 2), segments.group_ids)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from transformers.activations import ACT2FN
 
-from mixserve.kernels import Segments, build_segments, lora_expand, lora_shrink, route
+from mixserve.kernels import ExpertLora, moe_lora_ffn, route
 from mixserve.model.context import LoraBatch
 from mixserve.model.layers import linear
 from mixserve.model.lora import add_site_delta
@@ -24,45 +24,35 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACT2FN[name]
 
 
-def _expert_delta(
-    lora: LoraBatch,
-    site: str,
-    layer_idx: int,
-    x: torch.Tensor,
-    segments: Segments,
-    out: torch.Tensor,
-    *,
-    gather_rows: bool,
-) -> None:
-    """out[p] += scale * B_e A_e x[row] per assignment (no routing weight: it comes after act)."""
+def _expert_lora(lora: LoraBatch, site: str, layer_idx: int) -> ExpertLora:
     stack = lora.stacks.sites[site]
-    shrunk = lora_shrink(
-        x, stack.lora_a[layer_idx].flatten(0, 1), segments, gather_rows=gather_rows
-    )
-    lora_expand(
-        shrunk,
-        stack.lora_b[layer_idx].flatten(0, 1),
-        segments,
-        stack.scale[layer_idx][segments.group_ids],
-        out,
-        scatter_rows=False,
-    )
+    return ExpertLora(stack.lora_a[layer_idx], stack.lora_b[layer_idx], stack.scale[layer_idx])
 
 
-def _activate_assignments(
-    lora: LoraBatch, segments: Segments, gate: torch.Tensor, up: torch.Tensor
-) -> torch.Tensor:
-    """h_p = act_slot(gate_p) * up_p with each slot's own MixLoRA activation."""
-    activations = lora.ffn.activations  # type: ignore[union-attr]
-    if len(activations) == 1:
-        return _activation(activations[0][0])(gate) * up
-    num_experts = lora.stacks.sites["gate_proj"].num_experts
-    slots = segments.group_ids // num_experts
-    hidden = torch.empty_like(up)
-    for name, act_slots in activations:
-        mask = torch.isin(slots, act_slots)
-        hidden[mask] = _activation(name)(gate[mask]) * up[mask]
-    return hidden
+def _mixlora_experts(
+    lora: LoraBatch, layer_idx: int, x: torch.Tensor, gate_up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [N, I] = sum_e w_e h_e, down deltas [N, H], sum_e w_e [N]) for the MixLoRA rows."""
+    ffn = lora.ffn
+    assert ffn is not None and lora.stacks.ffn_router is not None
+    router = lora.stacks.ffn_router[layer_idx]
+    weights = route(x.index_select(0, ffn.rows), ffn.slots, router, lora.stacks.routing)  # [N, E]
+    experts = [
+        _expert_lora(lora, site, layer_idx) for site in ("gate_proj", "up_proj", "down_proj")
+    ]
+    if len(ffn.activations) == 1:
+        act = _activation(ffn.activations[0][0])
+        hidden, down_delta = moe_lora_ffn(x, gate_up, ffn.rows, ffn.slots, weights, *experts, act)
+        return hidden, down_delta, weights.sum(-1)
+    hidden = x.new_empty(ffn.rows.shape[0], gate_up.shape[1] // 2)
+    down_delta = x.new_empty(ffn.rows.shape[0], x.shape[1])
+    for name, act_slots in ffn.activations:  # adapters with different expert activations
+        part = torch.nonzero(torch.isin(ffn.slots, act_slots), as_tuple=True)[0]
+        h, d = moe_lora_ffn(
+            x, gate_up, ffn.rows[part], ffn.slots[part], weights[part], *experts, _activation(name)
+        )
+        hidden[part], down_delta[part] = h, d
+    return hidden, down_delta, weights.sum(-1)
 
 
 def mlp_forward(
@@ -87,38 +77,17 @@ def mlp_forward(
     hidden = act(gate) * up  # [T, I]
 
     ffn = lora.ffn
-    expert_segments = None
-    if ffn is not None:
-        assert lora.stacks.ffn_router is not None
-        weights = route(
-            x[ffn.rows], ffn.slots, lora.stacks.ffn_router[layer_idx], lora.stacks.routing
-        )
-        num_experts = lora.stacks.sites["gate_proj"].num_experts
-        expert_segments = build_segments(weights, ffn.rows, ffn.slots, num_experts)
-        rows = expert_segments.row_ids
-        gate_p, up_p = gate[rows], up[rows]  # [P, I]: shared base projections, copied per expert
-        _expert_delta(lora, "gate_proj", layer_idx, x, expert_segments, gate_p, gather_rows=True)
-        _expert_delta(lora, "up_proj", layer_idx, x, expert_segments, up_p, gather_rows=True)
-        expert_hidden = _activate_assignments(lora, expert_segments, gate_p, up_p)  # [P, I]
-        hidden[ffn.rows] = 0
-        hidden.index_add_(
-            0, rows, expert_hidden * expert_segments.weights.to(hidden.dtype)[:, None]
-        )
-
+    if ffn is None:
+        out = linear(hidden, down_weight, down_bias)  # [T, H]
+        add_site_delta(lora, "down_proj", layer_idx, hidden, out)
+        return out
+    expert_hidden, down_delta, weight_sums = _mixlora_experts(lora, layer_idx, x, gate_up)
+    hidden[ffn.rows] = expert_hidden  # h_bar = sum_e w_e h_e: the base down projection runs once
     out = linear(hidden, down_weight, down_bias)  # [T, H]
-    if down_bias is not None and expert_segments is not None:
+    if down_bias is not None:
         # Each expert's output carries the bias, so MixLoRA rows get (sum_e w_e) * b; that is 1 * b
         # only under renormalised top-k (top-p and switch weights do not sum to 1).
-        weight_sums = torch.zeros(out.shape[0], dtype=torch.float32, device=out.device)
-        weight_sums.index_add_(0, expert_segments.row_ids, expert_segments.weights)
-        correction = (weight_sums[ffn.rows] - 1).to(out.dtype)  # type: ignore[union-attr]
-        out[ffn.rows] += correction[:, None] * down_bias  # type: ignore[union-attr]
+        down_delta += (weight_sums - 1).to(out.dtype)[:, None] * down_bias
+    out.index_add_(0, ffn.rows, down_delta)
     add_site_delta(lora, "down_proj", layer_idx, hidden, out)
-    if expert_segments is not None and expert_segments.num_assignments:
-        stack = lora.stacks.sites["down_proj"]
-        shrunk = lora_shrink(
-            expert_hidden, stack.lora_a[layer_idx].flatten(0, 1), expert_segments, gather_rows=False
-        )
-        coef = expert_segments.weights * stack.scale[layer_idx][expert_segments.group_ids]
-        lora_expand(shrunk, stack.lora_b[layer_idx].flatten(0, 1), expert_segments, coef, out)
     return out

@@ -25,7 +25,10 @@ def site_segments(lora: LoraBatch, site: str, layer_idx: int, x: torch.Tensor) -
         stack = lora.stacks.sites[site]
         assert stack.router is not None, f"{site}: routed rows but no router stack"
         weights = route(
-            x[batch.routed_rows], batch.routed_slots, stack.router[layer_idx], lora.stacks.routing
+            x.index_select(0, batch.routed_rows),
+            batch.routed_slots,
+            stack.router[layer_idx],
+            lora.stacks.routing,
         )  # [N, E]
         routed = build_segments(weights, batch.routed_rows, batch.routed_slots, stack.num_experts)
     if batch.plain is None:

@@ -1,0 +1,124 @@
+"""moe_lora_ffn (MixLoRA whole-FFN experts): both strategies vs a float64 per-row loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixserve.kernels import ExpertLora, moe_lora_ffn
+from mixserve.kernels.moe_lora_ffn import reference
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def _lora(gen, slots, experts, rank, din, dout, dtype, ranks):
+    a = torch.randn(slots, experts, rank, din, generator=gen) / din**0.5
+    b = torch.randn(slots, experts, dout, rank, generator=gen) / rank**0.5
+    for s, r in enumerate(ranks):  # zero-padded ranks, as the pool stores them
+        a[s, :, r:] = 0
+        b[s, :, :, r:] = 0
+    scale = torch.rand(slots * experts, generator=gen) + 0.5
+    return ExpertLora(a.to(dtype), b.to(dtype), scale)
+
+
+def _naive(x, gate_up, rows, slots, weights, gate, up, down):
+    """Per row, per selected expert, in float64: sum_e w (W_d h_e + s B_d A_d h_e) - W_d part."""
+    inter = gate_up.shape[1] // 2
+    experts = weights.shape[1]
+    hidden = torch.zeros(len(rows), inter, dtype=torch.float64)
+    delta = torch.zeros(len(rows), x.shape[1], dtype=torch.float64)
+    for i, (t, s) in enumerate(zip(rows.tolist(), slots.tolist(), strict=True)):
+        xt = x[t].double()
+        for e in range(experts):
+            w = float(weights[i, e])
+            if w <= 0:
+                continue
+            g_idx = s * experts + e
+
+            def lora(p: ExpertLora, v: torch.Tensor, g: int = g_idx) -> torch.Tensor:
+                a, b = p.lora_a.flatten(0, 1)[g].double(), p.lora_b.flatten(0, 1)[g].double()
+                return float(p.scale[g]) * (b @ (a @ v))
+
+            g = gate_up[t, :inter].double() + lora(gate, xt)
+            u = gate_up[t, inter:].double() + lora(up, xt)
+            h = F.silu(g) * u
+            hidden[i] += w * h
+            delta[i] += w * lora(down, h)
+    return hidden, delta
+
+
+def _case(seed, *, tokens, slots_used, num_slots, experts, k, dtype, one_slot=False):
+    gen = torch.Generator().manual_seed(seed)
+    hidden_size, inter = 24, 40
+    x = torch.randn(tokens, hidden_size, generator=gen).to(dtype)
+    gate_up = torch.randn(tokens, 2 * inter, generator=gen).to(dtype)
+    rows = torch.randperm(tokens, generator=gen)[: max(1, tokens * 3 // 4)]
+    if one_slot:
+        slots = torch.full((len(rows),), slots_used[0])
+    else:
+        slots = torch.tensor(slots_used)[
+            torch.randint(0, len(slots_used), (len(rows),), generator=gen)
+        ]
+    logits = torch.randn(len(rows), experts, generator=gen)
+    top = logits.topk(k, dim=-1)
+    weights = torch.zeros(len(rows), experts).scatter(1, top.indices, top.values.softmax(-1))
+    ranks = [4 + 4 * (s % 4) for s in range(num_slots)]
+    gate = _lora(gen, num_slots, experts, 16, hidden_size, inter, dtype, ranks)
+    up = _lora(gen, num_slots, experts, 16, hidden_size, inter, dtype, ranks)
+    down = _lora(gen, num_slots, experts, 16, inter, hidden_size, dtype, ranks)
+    return x, gate_up, rows, slots, weights, gate, up, down
+
+
+@pytest.mark.parametrize("strategy", ["sparse", "dense", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("tokens", "slots_used", "experts", "k", "one_slot"),
+    [
+        (1, [2], 4, 1, False),  # a single row
+        (9, [0, 3], 8, 2, False),  # decode-like: few rows per slot
+        (64, [1, 2, 5], 6, 3, False),  # uneven slots, gaps in the slot range
+        (120, [4], 8, 2, True),  # one huge slot
+        (40, [0, 1, 2, 3, 4, 5], 16, 4, False),  # 16 experts
+    ],
+)
+def test_matches_per_row_loop(strategy, dtype, tokens, slots_used, experts, k, one_slot):
+    case = _case(
+        7 + tokens,
+        tokens=tokens,
+        slots_used=slots_used,
+        num_slots=6,
+        experts=experts,
+        k=k,
+        dtype=dtype,
+        one_slot=one_slot,
+    )
+    hidden, delta = reference.moe_lora_ffn(*case, F.silu, strategy=strategy)
+    want_hidden, want_delta = _naive(*case)
+    scale = max(float(want_hidden.abs().max()), 1e-6)
+    assert float((hidden.double() - want_hidden).abs().max()) / scale < TOL[dtype]
+    scale = max(float(want_delta.abs().max()), 1e-6)
+    assert float((delta.double() - want_delta).abs().max()) / scale < TOL[dtype]
+
+
+def test_strategies_agree_and_wrapper_dispatches():
+    case = _case(
+        3, tokens=32, slots_used=[0, 2, 4], num_slots=6, experts=8, k=2, dtype=torch.float32
+    )
+    sparse = reference.moe_lora_ffn(*case, F.silu, strategy="sparse")
+    dense = reference.moe_lora_ffn(*case, F.silu, strategy="dense")
+    public = moe_lora_ffn(*case, F.silu)
+    for a, b, c in zip(sparse, dense, public, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_rows_and_bad_strategy():
+    case = list(
+        _case(1, tokens=4, slots_used=[0], num_slots=2, experts=2, k=1, dtype=torch.float32)
+    )
+    case[2], case[3], case[4] = case[2][:0], case[3][:0], case[4][:0]
+    hidden, delta = moe_lora_ffn(*case, F.silu)
+    assert hidden.shape == (0, 40) and delta.shape == (0, 24)
+    with pytest.raises(ValueError, match="strategy"):
+        reference.moe_lora_ffn(*case, F.silu, strategy="fast")
