@@ -48,6 +48,7 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int = 512 * 2**20
     num_kv_blocks: int | None = None  # overrides the memory budget when set
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -75,13 +76,37 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdapterPoolConfig:
-    """Slot pool sizing. None = just large enough for the adapters given at start-up."""
+    """Adapter memory. The slot shape is at least large enough for the adapters given at start-up;
+    adapters hot-loaded later must fit within it (or are refused with AdapterCapacityError)."""
 
-    max_lora_rank: int | None = None
-    max_experts: int | None = None
+    max_lora_rank: int = 16
+    max_experts: int = 8  # experts per MLP / FFN site (MixLoRA, LoRAMoE, MoLA, DynMoLE)
+    max_attn_experts: int = 1  # experts per attention site (MoLA, DynMoLE); 1 = LoRA only
+    num_slots: int | None = None  # adapter slots on the device; None = from the memory budget
+    max_num_slots: int = 32  # cap when sizing from the budget (also caps adapters per step)
+    slot_memory_bytes: int | None = None  # slot budget in bytes (CPU default: 1 GiB)
+    slot_memory_fraction: float | None = None  # or a fraction of free device memory (CUDA)
+    host_cache_bytes: int = 4 * 2**30  # host tier (LRU) in front of the disk
+    max_load_workers: int = 2
 
     def __post_init__(self) -> None:
-        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+        if self.max_lora_rank < 1:
             raise ValueError("max_lora_rank must be >= 1")
-        if self.max_experts is not None and self.max_experts < 1:
-            raise ValueError("max_experts must be >= 1")
+        if self.max_experts < 1 or self.max_attn_experts < 1:
+            raise ValueError("max_experts and max_attn_experts must be >= 1")
+        if self.num_slots is not None and self.num_slots < 1:
+            raise ValueError("num_slots must be >= 1")
+        if self.slot_memory_bytes is not None and self.slot_memory_bytes < 1:
+            raise ValueError("slot_memory_bytes must be >= 1")
+        if self.slot_memory_fraction is not None and not 0 < self.slot_memory_fraction <= 1:
+            raise ValueError("slot_memory_fraction must be in (0, 1]")
+        if self.host_cache_bytes < 1 or self.max_load_workers < 1:
+            raise ValueError("host_cache_bytes and max_load_workers must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig = ModelConfig()
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    adapters: AdapterPoolConfig = AdapterPoolConfig()

@@ -1,19 +1,27 @@
-"""mixserve.LLM: the offline Python API (as in vLLM), base model plus named adapters."""
+"""mixserve.LLM: the offline Python API (as in vLLM), base model plus named adapters.
+
+Runs the same engine as the server, stepping it on the caller's thread until every request of a
+`generate` call is done.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mixserve.adapters import AdapterPool, AdapterWeights, PoolShape, load_adapter
-from mixserve.config import AdapterPoolConfig, CacheConfig, ModelConfig, SchedulerConfig
-from mixserve.model import load_model
-from mixserve.model.default_model import resolve_model_dir
-from mixserve.offline_loop import LoopSequence, run_to_completion
-from mixserve.runner import ModelRunner
-from mixserve.runner.kv_cache import num_blocks_for_budget
-from mixserve.types import CompletionOutput, RequestOutput, SamplingParams, SchedulerOutput
+from mixserve.adapters import AdapterError
+from mixserve.config import (
+    AdapterPoolConfig,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
+from mixserve.engine.builder import build_engine
+from mixserve.engine.core import EngineStats
+from mixserve.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams, TokenDelta
 
 logger = logging.getLogger(__name__)
 
@@ -39,67 +47,62 @@ class LLM:
         block_size: int = 16,
         kv_cache_memory_bytes: int = 512 * 2**20,
         num_kv_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
-        max_lora_rank: int | None = None,
-        max_experts: int | None = None,
+        max_lora_rank: int = 16,
+        max_experts: int = 8,
+        max_attn_experts: int = 1,
+        num_adapter_slots: int | None = None,
+        adapter_slot_memory_bytes: int | None = None,
+        host_cache_bytes: int = 4 * 2**30,
     ) -> None:
-        from transformers import AutoTokenizer
-
-        self.model_config = ModelConfig(model=model, dtype=dtype, device=device)
-        self.cache_config = CacheConfig(block_size, kv_cache_memory_bytes, num_kv_blocks)
-        self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len)
-        pool_config = AdapterPoolConfig(max_lora_rank, max_experts)
-        model_dir = resolve_model_dir(model)
-        torch_dtype = self.model_config.torch_dtype
-        self.model = load_model(model_dir, torch_dtype, device)
-        self.arch = self.model.arch
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        loaded = [load_adapter(name, path, self.arch) for name, path in (adapters or {}).items()]
-        self.adapter_slots: dict[str, int] = {}
-        pool = self._build_pool(loaded, pool_config) if loaded else None
-        num_blocks = num_kv_blocks or num_blocks_for_budget(
-            self.arch, block_size, torch_dtype, kv_cache_memory_bytes
+        config = EngineConfig(
+            model=ModelConfig(model=model, dtype=dtype, device=device),
+            cache=CacheConfig(
+                block_size, kv_cache_memory_bytes, num_kv_blocks, enable_prefix_caching
+            ),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+            adapters=AdapterPoolConfig(
+                max_lora_rank=max_lora_rank,
+                max_experts=max_experts,
+                max_attn_experts=max_attn_experts,
+                num_slots=num_adapter_slots,
+                slot_memory_bytes=adapter_slot_memory_bytes,
+                host_cache_bytes=host_cache_bytes,
+            ),
         )
-        self.runner = ModelRunner(self.model, num_blocks, block_size, pool)
-        eos = set(self.arch.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(int(self.tokenizer.eos_token_id))
-        self.eos_token_ids = frozenset(eos)
-        self.max_model_len = (
-            max_model_len or self.arch.max_position_embeddings or num_blocks * block_size
-        )
-        self._next_request = 0
+        built = build_engine(config, adapters)
+        self.engine = built.core
+        self.tokenizer = built.tokenizer
+        self.arch = self.engine.runner.model.arch
+        self.eos_token_ids = built.eos_token_ids
+        self.max_model_len = built.max_model_len
+        self._ids = itertools.count()
+        for name in adapters or {}:
+            self._load_now(name)
 
-    def _build_pool(self, loaded: list[AdapterWeights], config: AdapterPoolConfig) -> AdapterPool:
-        shape = PoolShape.covering((w.spec for w in loaded), self.arch.num_layers)
-        if config.max_lora_rank is not None or config.max_experts is not None:
-            rank = max(shape.max_rank, config.max_lora_rank or 0)
-            experts = config.max_experts or 1
-            shape = PoolShape(
-                max_rank=-(-rank // 8) * 8,
-                attn_experts=max(shape.attn_experts, experts if shape.attn_routers else 1),
-                mlp_experts=max(shape.mlp_experts, experts),
-                attn_routers=shape.attn_routers,
-                mlp_routers=shape.mlp_routers,
-                ffn_router=shape.ffn_router,
-            )
-        pool = AdapterPool(self.arch, shape, len(loaded), self.model.dtype, self.model.device)
-        for slot, weights in enumerate(loaded):
-            pool.load(slot, weights)
-            self.adapter_slots[weights.name] = slot
-            logger.info(
-                "adapter '%s' (%s) in slot %d", weights.name, weights.spec.family.value, slot
-            )
-        return pool
+    def _load_now(self, name: str) -> None:
+        """Load an adapter before any request (the offline API fails fast on a bad adapter)."""
+        pager = self.engine.pager
+        assert pager is not None
+        pager.acquire(name)
+        try:
+            while not pager.is_ready(name):
+                pager.wait()
+                for result in pager.poll():
+                    if result.name == name and result.error is not None:
+                        raise result.error
+        finally:
+            pager.release(name)
 
     @property
     def adapter_names(self) -> list[str]:
-        return list(self.adapter_slots)
+        return sorted(self.engine.pager.sources()) if self.engine.pager is not None else []
 
-    def _execute(self, plan: SchedulerOutput) -> dict[int, int]:
-        return self.runner.execute(plan, self.adapter_slots).sampled_token_ids
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
     def generate(
         self,
@@ -115,48 +118,69 @@ class LLM:
         texts: list[str | None]
         if prompts is not None:
             texts = [prompts] if isinstance(prompts, str) else list(prompts)
-            token_lists = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]  # type: ignore[arg-type]
+            token_lists = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         else:
             assert prompt_token_ids is not None
             ids = list(prompt_token_ids)
-            token_lists = [list(ids)] if ids and isinstance(ids[0], int) else [list(p) for p in ids]  # type: ignore[arg-type]
+            if ids and isinstance(ids[0], int):
+                token_lists = [list(ids)]
+            else:
+                token_lists = [list(p) for p in ids]  # type: ignore[arg-type]
             texts = [None] * len(token_lists)
         count = len(token_lists)
         params = _per_prompt(sampling_params or SamplingParams(), count, "sampling_params")
         adapters = _per_prompt(adapter, count, "adapter")
-        sequences = []
-        for i, (tokens, p, name) in enumerate(zip(token_lists, params, adapters, strict=True)):
-            self._check_request(tokens, p, name)
-            sequences.append(
-                LoopSequence(seq_id=i, prompt_ids=list(tokens), adapter=name, sampling=p)
-            )
-        run_to_completion(
-            sequences,
-            self._execute,
-            num_blocks=self.runner.num_kv_blocks,
-            block_size=self.runner.block_size,
-            max_num_seqs=self.scheduler_config.max_num_seqs,
-            max_num_batched_tokens=self.scheduler_config.max_num_batched_tokens,
-            eos_token_ids=self.eos_token_ids,
-        )
+        names = self.adapter_names
+        for name in adapters:
+            if name is not None and name not in names:
+                raise ValueError(f"unknown adapter {name!r} (loaded: {', '.join(names) or 'none'})")
+        request_ids = [f"offline-{next(self._ids)}" for _ in range(count)]
+        added: list[str] = []
+        try:
+            for rid, tokens, p, name in zip(
+                request_ids, token_lists, params, adapters, strict=True
+            ):
+                self.engine.add_request(rid, tokens, p, name)
+                added.append(rid)
+        except (ValueError, AdapterError):
+            for rid in added:
+                self.engine.abort(rid)
+            raise
+        return self._collect(request_ids, texts, token_lists, params, adapters)
+
+    def _collect(
+        self,
+        request_ids: list[str],
+        texts: list[str | None],
+        token_lists: list[list[int]],
+        params: list[SamplingParams],
+        adapters: list[str | None],
+    ) -> list[RequestOutput]:
+        deltas: dict[tuple[str, int], list[TokenDelta]] = {}
+        while self.engine.has_work:
+            for delta in self.engine.step():
+                deltas.setdefault((delta.request_id, delta.index), []).append(delta)
         outputs = []
-        for text, seq in zip(texts, sequences, strict=True):
-            completion = CompletionOutput(
-                index=0,
-                text=self.tokenizer.decode(seq.output_ids, skip_special_tokens=True),
-                token_ids=tuple(seq.output_ids),
-                finish_reason=seq.finish_reason,
-            )
-            outputs.append(
-                RequestOutput(
-                    request_id=str(self._next_request),
-                    prompt=text,
-                    prompt_token_ids=tuple(seq.prompt_ids),
-                    adapter=seq.adapter,
-                    outputs=(completion,),
+        for rid, text, tokens, p, name in zip(
+            request_ids, texts, token_lists, params, adapters, strict=True
+        ):
+            completions = []
+            for index in range(p.n):
+                parts = deltas.get((rid, index), [])
+                token_ids = tuple(t for d in parts for t in d.token_ids)
+                reason = parts[-1].finish_reason if parts else None
+                if reason is FinishReason.ERROR:
+                    raise RuntimeError(f"request failed: {parts[-1].error}")
+                completions.append(
+                    CompletionOutput(
+                        index=index,
+                        text=self.tokenizer.decode(list(token_ids), skip_special_tokens=True),
+                        token_ids=token_ids,
+                        finish_reason=reason,
+                        logprobs=tuple(lp for d in parts for lp in d.logprobs),
+                    )
                 )
-            )
-            self._next_request += 1
+            outputs.append(RequestOutput(rid, text, tuple(tokens), name, tuple(completions)))
         return outputs
 
     def chat(
@@ -167,9 +191,8 @@ class LLM:
         adapter: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, via the tokenizer's template."""
-        conversations = (
-            [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
-        )
+        single = bool(messages) and isinstance(messages[0], Mapping)
+        conversations = [messages] if single else list(messages)
         token_lists = [
             list(
                 self.tokenizer.apply_chat_template(
@@ -181,19 +204,3 @@ class LLM:
         return self.generate(
             prompt_token_ids=token_lists, sampling_params=sampling_params, adapter=adapter
         )
-
-    def _check_request(
-        self, tokens: Sequence[int], params: SamplingParams, adapter: str | None
-    ) -> None:
-        if not tokens:
-            raise ValueError("empty prompt")
-        if any(not 0 <= t < self.arch.vocab_size for t in tokens):
-            raise ValueError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
-        if len(tokens) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(tokens)} tokens) + max_tokens ({params.max_tokens}) exceed "
-                f"max_model_len ({self.max_model_len})"
-            )
-        if adapter is not None and adapter not in self.adapter_slots:
-            known = ", ".join(self.adapter_slots) or "none"
-            raise ValueError(f"unknown adapter {adapter!r} (loaded: {known})")

@@ -16,8 +16,12 @@ from mixserve.adapters.errors import (
     UnknownRoutingStrategyError,
     UnsupportedAdapterError,
 )
+from mixserve.adapters.host_cache import HostCache, HostCacheStats
 from mixserve.adapters.loader import load_adapter
+from mixserve.adapters.loads import AdapterLoadResult, adapter_uid
+from mixserve.adapters.pager import AdapterPager, AdapterState, PagerStats
 from mixserve.adapters.pool import AdapterPool, PoolShape
+from mixserve.adapters.sizing import bytes_per_slot, num_slots_for_budget, slot_budget_bytes
 from mixserve.adapters.spec import AdapterFamily, AdapterSpec, SiteKind
 from mixserve.adapters.weights import AdapterWeights
 
@@ -27,18 +31,28 @@ __all__ = [
     "AdapterError",
     "AdapterFamily",
     "AdapterFileError",
+    "AdapterLoadResult",
     "AdapterNotFoundError",
+    "AdapterPager",
     "AdapterPool",
     "AdapterShapeError",
     "AdapterSpec",
+    "AdapterState",
     "AdapterValueError",
     "AdapterWeights",
     "BaseModelMismatchError",
+    "HostCache",
+    "HostCacheStats",
     "MissingTensorError",
+    "PagerStats",
     "PoolShape",
     "SiteKind",
     "UnexpectedTensorError",
     "UnknownRoutingStrategyError",
     "UnsupportedAdapterError",
+    "adapter_uid",
+    "bytes_per_slot",
     "load_adapter",
+    "num_slots_for_budget",
+    "slot_budget_bytes",
 ]

@@ -22,6 +22,7 @@ class ModelRunner:
         num_kv_blocks: int,
         block_size: int,
         adapter_pool: AdapterPool | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -31,6 +32,7 @@ class ModelRunner:
             model.arch, num_kv_blocks, block_size, model.dtype, model.device
         )
         self.adapter_pool = adapter_pool
+        self.eos_token_ids = eos_token_ids
 
     def prepare(
         self, plan: SchedulerOutput, adapter_slots: Mapping[str, int]
@@ -92,16 +94,26 @@ class ModelRunner:
         input_ids, positions, ctx = self.prepare(plan, adapter_slots)
         return self.model.forward(input_ids, positions, ctx)
 
+    @torch.inference_mode()
+    def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
+        """KV block copy-on-write (n > 1 completions forking off one prompt)."""
+        if not copies:
+            return
+        src = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+            v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+
     def execute(self, plan: SchedulerOutput, adapter_slots: Mapping[str, int]) -> RunnerOutput:
-        sampled_seqs = [s for s in plan.sequences if s.sample]
+        self.copy_blocks(plan.block_copies)
         if not plan.sequences:
             return RunnerOutput()
         logits = self.compute_logits(plan, adapter_slots)
+        sampled_seqs = [s for s in plan.sequences if s.sample]
         if not sampled_seqs:
             return RunnerOutput()
-        tokens = sample(
-            logits, [s.sampling for s in sampled_seqs], [s.num_output_tokens for s in sampled_seqs]
-        )
+        tokens = sample(logits, sampled_seqs, self.eos_token_ids)
         return RunnerOutput(
-            sampled_token_ids={s.seq_id: t for s, t in zip(sampled_seqs, tokens, strict=True)}
+            sampled={s.seq_id: t for s, t in zip(sampled_seqs, tokens, strict=True)}
         )

@@ -1,0 +1,156 @@
+"""Background adapter loads: worker threads read, validate and pin; the engine thread collects.
+
+Workers run only `_load_job`, which touches no shared state and returns a value (or raises), so
+the engine thread owns everything else. A failure is a value too (an `AdapterError`, with any
+unexpected exception wrapped), so it fails only the requests for that adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from mixserve.adapters.errors import AdapterError, AdapterFileError, AdapterNotFoundError
+from mixserve.adapters.files import find_adapter_files
+from mixserve.adapters.host_cache import pin_weights
+from mixserve.adapters.pool import PoolShape
+from mixserve.adapters.weights import AdapterWeights
+from mixserve.model.arch import ArchConfig
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[str, str, ArchConfig], AdapterWeights]  # load_adapter's signature
+
+
+def adapter_uid(name: str, path: str) -> int:
+    """Identity of an adapter's files: realpath, device, inode, mtime_ns and size of its config
+    and weights file, hashed to a non-negative 63-bit int.
+
+    Equal for unchanged files, so prefix-cache entries survive eviction and reload; different
+    when a file is rewritten or replaced (the inode catches an atomic rename even within one
+    mtime tick) or the name points at another folder. Only stats files: cheap on the engine
+    thread. Raises AdapterNotFoundError when a file is missing.
+    """
+    files = find_adapter_files(name, path)
+    digest = hashlib.blake2b(digest_size=8)
+    for file in (files.config_path, files.weights_path):
+        try:
+            st = os.stat(file)
+        except OSError as exc:
+            raise AdapterNotFoundError(name, f"cannot stat ({exc})", file=file) from exc
+        ident = (os.path.realpath(file), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        digest.update(repr(ident).encode())
+    return int.from_bytes(digest.digest(), "big") >> 1
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterLoadResult:
+    """One finished background load, as the pager's poll reports it."""
+
+    name: str
+    uid: int  # the identity the adapter's requests were given
+    error: AdapterError | None  # None on success
+    seconds: float  # worker time reading and validating (0 on failure)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    weights: AdapterWeights
+    seconds: float
+
+
+def _load_job(
+    loader: Loader, name: str, path: str, arch: ArchConfig, shape: PoolShape, uid: int, pin: bool
+) -> _Loaded:
+    """Runs on a worker thread."""
+    start = time.perf_counter()
+    weights = loader(name, path, arch)
+    shape.check_fits(weights)  # a misfit is this adapter's load error, not a failed step later
+    seconds = time.perf_counter() - start
+    # Checked after the read: files rewritten since the uid was taken have another identity, and
+    # serving them under the old uid would let the prefix cache mix two adapters' blocks.
+    if adapter_uid(name, path) != uid:
+        raise AdapterFileError(name, "files changed while loading; retry the request", file=path)
+    return _Loaded(pin_weights(weights) if pin else weights, seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOutcome:
+    result: AdapterLoadResult
+    weights: AdapterWeights | None  # None on failure
+
+
+LoadTicket = Future  # identifies one submitted load
+
+
+class LoadQueue:
+    """A worker pool for `_load_job`. Engine-thread API; counters cover every finished load."""
+
+    def __init__(
+        self, loader: Loader, arch: ArchConfig, shape: PoolShape, *, pin: bool, max_workers: int
+    ) -> None:
+        self._loader, self._arch, self._shape, self.pin = loader, arch, shape, pin
+        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="adapter-load")
+        self._pending: dict[Future[_Loaded], tuple[str, int]] = {}  # -> name, uid
+        self.started = self.succeeded = self.failed = 0
+        self.seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def submit(self, name: str, path: str, uid: int) -> LoadTicket:
+        args = (self._loader, name, path, self._arch, self._shape, uid, self.pin)
+        future = self._executor.submit(_load_job, *args)
+        self._pending[future] = (name, uid)
+        self.started += 1
+        return future
+
+    def cancel(self, ticket: LoadTicket) -> None:
+        """Drop a load nobody waits for; if it already runs, its outcome is still collected."""
+        if ticket.cancel():
+            self._pending.pop(ticket, None)
+
+    def collect(self) -> list[tuple[LoadTicket, LoadOutcome]]:
+        """Finished loads, without blocking."""
+        out = []
+        for future in [f for f in self._pending if f.done()]:
+            name, uid = self._pending.pop(future)
+            out.append((future, self._outcome(name, uid, future)))
+        return out
+
+    def _outcome(self, name: str, uid: int, future: Future[_Loaded]) -> LoadOutcome:
+        try:
+            loaded = future.result()
+        except AdapterError as exc:
+            error = exc
+        except Exception as exc:  # a bug or an OS error must still fail only this adapter
+            error = AdapterError(name, f"unexpected {type(exc).__name__} while loading: {exc}")
+            error.__cause__ = exc
+        else:
+            self.succeeded += 1
+            self.seconds += loaded.seconds
+            return LoadOutcome(AdapterLoadResult(name, uid, None, loaded.seconds), loaded.weights)
+        self.failed += 1
+        logger.warning("%s", error)
+        return LoadOutcome(AdapterLoadResult(name, uid, error, 0.0), None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until some load finishes; False if none is pending or the timeout passed."""
+        if not self._pending:
+            return False
+        done, _ = wait(list(self._pending), timeout=timeout, return_when=FIRST_COMPLETED)
+        return bool(done)
+
+    def close(self) -> None:
+        """Cancel queued loads, let running ones finish, stop the workers."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()

@@ -1,0 +1,14 @@
+"""The engine: the step loop (EngineCore) and its threaded asyncio front (EngineClient)."""
+
+from __future__ import annotations
+
+from mixserve.engine.client import EngineClient, EngineDeadError, EngineShuttingDownError
+from mixserve.engine.core import EngineCore, EngineStats
+
+__all__ = [
+    "EngineClient",
+    "EngineCore",
+    "EngineDeadError",
+    "EngineShuttingDownError",
+    "EngineStats",
+]

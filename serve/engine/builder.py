@@ -1,0 +1,138 @@
+"""Start-up: load the model, size the KV cache and adapter slots, wire the engine's parts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from mixserve.adapters import AdapterPool, PoolShape
+from mixserve.adapters.config_parser import parse_adapter_config
+from mixserve.adapters.files import find_adapter_files, read_config
+from mixserve.adapters.pager import AdapterPager
+from mixserve.adapters.pool import RANK_ALIGNMENT
+from mixserve.adapters.sizing import num_slots_for_budget, slot_budget_bytes
+from mixserve.config import AdapterPoolConfig, EngineConfig
+from mixserve.engine.core import EngineCore
+from mixserve.model import ArchConfig, load_model
+from mixserve.model.default_model import resolve_model_dir
+from mixserve.runner import ModelRunner
+from mixserve.runner.kv_cache import num_blocks_for_budget
+from mixserve.scheduler import BlockManager, Scheduler
+
+logger = logging.getLogger(__name__)
+
+_CPU_SLOT_BUDGET = 2**30
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltEngine:
+    core: EngineCore
+    model_dir: str
+    tokenizer: object  # a transformers tokenizer
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+
+
+def pool_shape(
+    config: AdapterPoolConfig, adapters: Mapping[str, str], arch: ArchConfig
+) -> PoolShape:
+    """The configured shape, grown to hold every adapter given at start-up (configs only are read:
+    weights load lazily, and a bad folder fails its requests, not the server)."""
+    specs = []
+    for name, path in adapters.items():
+        files = find_adapter_files(name, path)
+        specs.append(
+            parse_adapter_config(name, files.config_path, read_config(name, files.config_path))
+        )
+    covering = PoolShape.covering(specs, arch.num_layers)
+    rank = max(covering.max_rank, config.max_lora_rank)
+    return PoolShape(
+        max_rank=-(-rank // RANK_ALIGNMENT) * RANK_ALIGNMENT,
+        attn_experts=max(covering.attn_experts, config.max_attn_experts),
+        mlp_experts=max(covering.mlp_experts, config.max_experts),
+        attn_routers=True,
+        mlp_routers=True,
+        ffn_router=True,
+    )
+
+
+def _num_slots(
+    config: AdapterPoolConfig,
+    shape: PoolShape,
+    arch: ArchConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> int:
+    if config.num_slots is not None:
+        return config.num_slots
+    if config.slot_memory_fraction is not None:
+        budget = slot_budget_bytes(device, fraction_of_free=config.slot_memory_fraction)
+    else:
+        budget = slot_budget_bytes(
+            device, budget_bytes=config.slot_memory_bytes or _CPU_SLOT_BUDGET
+        )
+    return num_slots_for_budget(shape, arch, dtype, budget, max_slots=config.max_num_slots)
+
+
+def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None) -> BuiltEngine:
+    from transformers import AutoTokenizer
+
+    adapters = dict(adapters or {})
+    model_dir = resolve_model_dir(config.model.model)
+    dtype, device = config.model.torch_dtype, torch.device(config.model.device)
+    model = load_model(model_dir, dtype, device)
+    arch = model.arch
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos = set(arch.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    eos_ids = frozenset(eos)
+
+    shape = pool_shape(config.adapters, adapters, arch)
+    num_slots = _num_slots(config.adapters, shape, arch, dtype, device)
+    pool = AdapterPool(arch, shape, num_slots, dtype, device)
+    pager = AdapterPager(
+        pool,
+        host_budget_bytes=config.adapters.host_cache_bytes,
+        max_workers=config.adapters.max_load_workers,
+    )
+    for name, path in adapters.items():
+        pager.add_source(name, path)
+
+    cache = config.cache
+    num_blocks = cache.num_kv_blocks or num_blocks_for_budget(
+        arch, cache.block_size, dtype, cache.kv_cache_memory_bytes
+    )
+    max_model_len = (
+        config.scheduler.max_model_len
+        or arch.max_position_embeddings
+        or (num_blocks * cache.block_size)
+    )
+    runner = ModelRunner(model, num_blocks, cache.block_size, pool, eos_ids)
+    blocks = BlockManager(
+        num_blocks, cache.block_size, enable_prefix_caching=cache.enable_prefix_caching
+    )
+    scheduler = Scheduler(
+        config.scheduler,
+        blocks,
+        max_adapters_per_step=num_slots,
+        eos_token_ids=eos_ids,
+        max_model_len=max_model_len,
+    )
+    logger.info(
+        "engine: %s (%s), %d KV blocks x %d tokens, %d adapter slots (rank %d, experts %d/%d)",
+        model_dir,
+        dtype,
+        num_blocks,
+        cache.block_size,
+        num_slots,
+        shape.max_rank,
+        shape.attn_experts,
+        shape.mlp_experts,
+    )
+    return BuiltEngine(
+        EngineCore(runner, scheduler, pager), model_dir, tokenizer, eos_ids, max_model_len
+    )

@@ -1,0 +1,135 @@
+"""EngineCore: one synchronous step = schedule -> adapter slots -> forward -> update.
+
+Single-threaded by contract: only the thread that owns the core (the engine loop, or the offline
+LLM) calls it. Errors inside a step fail exactly the requests of that step; they never hang.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from mixserve.adapters import AdapterError
+from mixserve.adapters.pager import AdapterPager, PagerStats
+from mixserve.runner import ModelRunner
+from mixserve.scheduler import Scheduler, SchedulerStats
+from mixserve.types import SamplingParams, SchedulerOutput, TokenDelta
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    scheduler: SchedulerStats
+    pager: PagerStats | None
+    num_steps: int
+    num_prompt_tokens: int  # computed prompt tokens since start (prefix-cache hits excluded)
+    num_generated_tokens: int  # sampled tokens since start
+
+
+class EngineCore:
+    def __init__(
+        self, runner: ModelRunner, scheduler: Scheduler, pager: AdapterPager | None
+    ) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.pager = pager
+        self.num_steps = 0
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        adapter: str | None = None,
+    ) -> None:
+        """Queue a request; raises ValueError (bad request) or AdapterError (unknown adapter)."""
+        vocab = self.runner.model.arch.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        key = None
+        if adapter is not None:
+            if self.pager is None:
+                raise AdapterError(adapter, "this engine serves no adapters")
+            key = (adapter, self.pager.acquire(adapter))
+        try:
+            self.scheduler.add_request(request_id, prompt_token_ids, sampling, adapter, key)
+        except ValueError:
+            if adapter is not None and self.pager is not None:
+                self.pager.release(adapter)
+            raise
+
+    def abort(self, request_id: str) -> list[TokenDelta]:
+        deltas = self.scheduler.abort(request_id)
+        self._release_finished()
+        return deltas
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    def _fail_load_errors(self) -> list[TokenDelta]:
+        deltas: list[TokenDelta] = []
+        if self.pager is None:
+            return deltas
+        for result in self.pager.poll():
+            if result.error is None:
+                continue
+            logger.warning("adapter '%s' failed to load: %s", result.name, result.error)
+            for request_id in self.scheduler.request_ids_waiting_for(result.name):
+                deltas += self.scheduler.fail(request_id, str(result.error))
+        return deltas
+
+    def _execute(self, plan: SchedulerOutput) -> list[TokenDelta]:
+        adapters = {s.adapter for s in plan.sequences if s.adapter is not None}
+        try:
+            slots = self.pager.prepare(adapters) if adapters and self.pager is not None else {}
+            output = self.runner.execute(plan, slots)
+        except Exception as exc:  # noqa: BLE001 - any failure of a step fails its requests only
+            logger.exception("step failed; failing its %d sequences", len(plan.sequences))
+            deltas: list[TokenDelta] = []
+            request_ids = {self.scheduler.request_id_of(s.seq_id) for s in plan.sequences}
+            for request_id in request_ids - {None}:
+                deltas += self.scheduler.fail(request_id, f"internal error in a step: {exc!r}")
+            return deltas
+        finally:
+            if self.pager is not None:
+                self.pager.unpin_all()
+        for entry in plan.sequences:  # prompt positions computed this step
+            start, prompt_len = entry.num_computed_tokens, len(entry.prompt_token_ids)
+            end = start + len(entry.token_ids)
+            self.num_prompt_tokens += max(0, min(end, prompt_len) - min(start, prompt_len))
+        deltas = self.scheduler.update(plan, output)
+        self.num_generated_tokens += sum(len(tokens) for tokens in output.sampled.values())
+        return deltas
+
+    def step(self) -> list[TokenDelta]:
+        """Run one step; returns every request's new output (finished ones included)."""
+        deltas = self._fail_load_errors()
+        ready = self.pager.is_ready if self.pager is not None else (lambda _: True)
+        plan = self.scheduler.schedule(ready)
+        if plan.sequences:
+            self.num_steps += 1
+            deltas += self._execute(plan)
+        self._release_finished()
+        return deltas
+
+    def _release_finished(self) -> None:
+        for request in self.scheduler.drain_finished():
+            if request.adapter is not None and self.pager is not None:
+                self.pager.release(request.adapter)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            scheduler=self.scheduler.stats(),
+            pager=self.pager.stats() if self.pager is not None else None,
+            num_steps=self.num_steps,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+        )

@@ -1,0 +1,348 @@
+"""Continuous batching: which sequences run each step, how many tokens each (pure Python).
+
+Per step, under a token budget and a cap on running sequences:
+1. running sequences in priority order (arrival, then completion index): a decode token or the
+   next prefill chunk; when KV blocks run out the lowest-priority running sequence is preempted
+   (its blocks freed; it is recomputed later, same output since sampling is keyed on positions);
+2. waiting sequences FCFS, while budget, sequence slots and blocks last. A request whose adapter is
+   still loading is skipped without holding up the rest; any other reason to stop admitting (no
+   blocks, adapter cap) stops admission, so nothing is starved by later arrivals.
+Never more distinct adapters in one step than there are adapter slots; the scheduler does not
+know slot numbers, only the cap.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+
+from mixserve.config import SchedulerConfig
+from mixserve.scheduler.block_manager import BlockManager
+from mixserve.scheduler.sequence import Request, Sequence, SequenceStatus
+from mixserve.types import (
+    FinishReason,
+    RunnerOutput,
+    SampledToken,
+    SamplingParams,
+    ScheduledSequence,
+    SchedulerOutput,
+    TokenDelta,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int  # since start
+    kv_usage: float  # fraction of KV blocks in use
+    prefix_queried_tokens: int  # since start
+    prefix_hit_tokens: int  # since start
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        *,
+        max_adapters_per_step: int,
+        eos_token_ids: frozenset[int],
+        max_model_len: int,
+    ) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.max_adapters_per_step = max_adapters_per_step
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.waiting: list[Sequence] = []  # sorted by priority
+        self.running: list[Sequence] = []  # sorted by priority
+        self.requests: dict[str, Request] = {}
+        self._seqs: dict[int, Sequence] = {}
+        self._next_seq_id = 0
+        self._next_arrival = 0
+        self._pending_copies: dict[int, tuple[int, int]] = {}  # child seq_id -> (src, dst) block
+        self._finished: list[Request] = []
+        self.num_preemptions = 0
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        adapter: str | None = None,
+        adapter_key: Hashable = None,
+    ) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if not prompt_token_ids:
+            raise ValueError("empty prompt")
+        total = len(prompt_token_ids) + sampling.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({sampling.max_tokens}) "
+                f"exceed max_model_len ({self.max_model_len})"
+            )
+        if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
+            raise ValueError(f"request needs more KV blocks than the cache holds ({total} tokens)")
+        request = Request(
+            request_id, list(prompt_token_ids), sampling, adapter, adapter_key, self._next_arrival
+        )
+        self._next_arrival += 1
+        self.requests[request_id] = request
+        self._new_sequence(request, 0, [])
+
+    def _new_sequence(self, request: Request, index: int, output: list[int]) -> Sequence:
+        seq = Sequence(self._next_seq_id, request, index, output_token_ids=output)
+        self._next_seq_id += 1
+        request.sequences.append(seq)
+        self._seqs[seq.seq_id] = seq
+        bisect.insort(self.waiting, seq, key=lambda s: s.priority)
+        return seq
+
+    def abort(self, request_id: str) -> list[TokenDelta]:
+        return self._end_request(request_id, FinishReason.ABORT, None)
+
+    def fail(self, request_id: str, error: str) -> list[TokenDelta]:
+        return self._end_request(request_id, FinishReason.ERROR, error)
+
+    def _end_request(
+        self, request_id: str, reason: FinishReason, error: str | None
+    ) -> list[TokenDelta]:
+        request = self.requests.get(request_id)
+        if request is None:
+            return []
+        deltas = []
+        indices = {s.index for s in request.sequences}
+        for seq in request.sequences:
+            if seq.status is not SequenceStatus.FINISHED:
+                self._finish(seq, reason)
+                deltas.append(TokenDelta(request_id, seq.index, (), (), reason, error))
+        if not request.forked:  # completions that do not exist yet end too
+            for index in range(request.sampling.n):
+                if index not in indices:
+                    deltas.append(TokenDelta(request_id, index, (), (), reason, error))
+            request.forked = True
+        self._retire(request)
+        return deltas
+
+    def request_ids_waiting_for(self, adapter: str) -> list[str]:
+        """Requests of this adapter that no step has run yet (they wait for its load)."""
+        return [
+            r.request_id
+            for r in self.requests.values()
+            if r.adapter == adapter and all(s.status is SequenceStatus.WAITING for s in r.sequences)
+        ]
+
+    def request_id_of(self, seq_id: int) -> str | None:
+        seq = self._seqs.get(seq_id)
+        return seq.request.request_id if seq is not None else None
+
+    def waiting_adapters(self) -> set[str]:
+        return {s.request.adapter for s in self.waiting if s.request.adapter is not None}
+
+    def drain_finished(self) -> list[Request]:
+        finished, self._finished = self._finished, []
+        return finished
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        p = self.blocks.prefix_stats
+        return SchedulerStats(
+            len(self.running),
+            len(self.waiting),
+            self.num_preemptions,
+            self.blocks.usage,
+            p.queried_tokens,
+            p.hit_tokens,
+        )
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def _plan_entry(self, seq: Sequence, num_new: int) -> ScheduledSequence:
+        request = seq.request
+        start = seq.num_computed_tokens
+        sample = start + num_new == seq.num_tokens
+        forks = sample and request.sampling.n > 1 and not request.forked
+        return ScheduledSequence(
+            seq_id=seq.seq_id,
+            token_ids=seq.token_slice(start, start + num_new),
+            num_computed_tokens=start,
+            block_ids=self.blocks.block_table(seq.seq_id),
+            adapter=request.adapter,
+            sample=sample,
+            sampling=request.sampling,
+            num_output_tokens=len(seq.output_token_ids),
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=seq.output_token_ids,
+            num_samples=request.sampling.n if forks else 1,
+            sample_index=seq.index,
+        )
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+        self._pending_copies.pop(seq.seq_id, None)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.priority)
+        self.num_preemptions += 1
+
+    def _fits_adapter(self, adapter: str | None, step_adapters: set[str]) -> bool:
+        return (
+            adapter is None
+            or adapter in step_adapters
+            or len(step_adapters) < self.max_adapters_per_step
+        )
+
+    def schedule(self, adapter_ready: Callable[[str], bool] = lambda _: True) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        planned: list[ScheduledSequence] = []
+        step_adapters: set[str] = set()
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            adapter = seq.request.adapter
+            if not self._fits_adapter(adapter, step_adapters):
+                index += 1
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            preempted_self = False
+            while not self.blocks.allocate(seq.seq_id, seq.num_computed_tokens + num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    preempted_self = True
+                    break
+            if preempted_self:
+                break  # everything after it was preempted first
+            planned.append(self._plan_entry(seq, num_new))
+            budget -= num_new
+            if adapter is not None:
+                step_adapters.add(adapter)
+            index += 1
+        self._admit(planned, step_adapters, budget, adapter_ready)
+        copies = tuple(self._pending_copies.values())
+        self._pending_copies.clear()
+        return SchedulerOutput(tuple(planned), copies)
+
+    def _admit(
+        self,
+        planned: list[ScheduledSequence],
+        step_adapters: set[str],
+        budget: int,
+        adapter_ready: Callable[[str], bool],
+    ) -> None:
+        bs = self.blocks.block_size
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                return
+            request = seq.request
+            adapter = request.adapter
+            if adapter is not None and not adapter_ready(adapter):
+                continue  # still loading: later requests may run meanwhile
+            if not self._fits_adapter(adapter, step_adapters):
+                return
+            tokens = seq.all_token_ids()
+            cached = self.blocks.find_cached_prefix(tokens, request.adapter_key)
+            num_cached = len(cached) * bs
+            num_new = min(len(tokens) - num_cached, budget)
+            if not self.blocks.allocate(
+                seq.seq_id,
+                num_cached + num_new,
+                cached_blocks=cached,
+                adapter=request.adapter_key,
+                token_ids=tokens,
+            ):
+                return
+            self.waiting.remove(seq)
+            seq.num_computed_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.priority)
+            planned.append(self._plan_entry(seq, num_new))
+            budget -= num_new
+            if adapter is not None:
+                step_adapters.add(adapter)
+
+    # -- results -------------------------------------------------------------------------------
+
+    def update(self, plan: SchedulerOutput, output: RunnerOutput) -> list[TokenDelta]:
+        deltas: list[TokenDelta] = []
+        for entry in plan.sequences:
+            seq = self._seqs.get(entry.seq_id)
+            if seq is None or seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += len(entry.token_ids)
+            request = seq.request
+            self.blocks.commit(
+                seq.seq_id, seq.all_token_ids(), seq.num_computed_tokens, request.adapter_key
+            )
+            sampled = output.sampled.get(entry.seq_id)
+            if not entry.sample or not sampled:
+                continue
+            if entry.num_samples > 1:
+                deltas.extend(self._fork(seq, sampled[1:]))
+            deltas.append(self._append(seq, sampled[0]))
+        return deltas
+
+    def _fork(self, parent: Sequence, tokens: Iterable[SampledToken]) -> list[TokenDelta]:
+        """Completions 1..n-1 share the parent's prompt blocks (a partial last block is copied);
+        without the blocks for that copy they re-run the prompt, mostly from the prefix cache."""
+        request = parent.request
+        request.forked = True
+        deltas = []
+        num_prompt = len(request.prompt_token_ids)
+        tokens = list(tokens)
+        room = len(self.running) + len(tokens) <= self.config.max_num_seqs
+        explicit = room and self.blocks.can_fork(num_prompt, len(tokens))
+        for index, token in enumerate(tokens, start=1):
+            child = self._new_sequence(request, index, [])
+            if explicit:
+                self.waiting.remove(child)
+                copy = self.blocks.fork(parent.seq_id, child.seq_id, num_prompt)
+                if copy is not None:
+                    self._pending_copies[child.seq_id] = copy
+                child.num_computed_tokens = num_prompt
+                child.status = SequenceStatus.RUNNING
+                bisect.insort(self.running, child, key=lambda s: s.priority)
+            deltas.append(self._append(child, token))
+        return deltas
+
+    def _append(self, seq: Sequence, token: SampledToken) -> TokenDelta:
+        seq.output_token_ids.append(token.token_id)
+        if token.logprob is not None:
+            seq.logprobs.append(token.logprob)
+        params = seq.request.sampling
+        reason = None
+        if token.token_id in params.stop_token_ids or (
+            not params.ignore_eos and token.token_id in self.eos_token_ids
+        ):
+            reason = FinishReason.STOP
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._finish(seq, reason)
+            self._retire(seq.request)
+        logprobs = (token.logprob,) if token.logprob is not None else ()
+        return TokenDelta(seq.request.request_id, seq.index, (token.token_id,), logprobs, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)
+        self._pending_copies.pop(seq.seq_id, None)
+        self._seqs.pop(seq.seq_id, None)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _retire(self, request: Request) -> None:
+        if request.finished and self.requests.pop(request.request_id, None) is not None:
+            self._finished.append(request)
