@@ -34,7 +34,9 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenDelta | BaseException]
     num_completions: int
-    finished: set[int] = field(default_factory=set)
+    # Completions the engine thread has sent a final delta for. Only that thread touches it; the
+    # consumer counts what it has *read* separately, so it never stops before the last delta.
+    sent_final: set[int] = field(default_factory=set)
 
     def put(self, item: TokenDelta | BaseException) -> None:
         try:
@@ -121,16 +123,17 @@ class EngineClient:
         return self._iterate(request_id, stream)
 
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[TokenDelta]:
+        finished: set[int] = set()
         try:
-            while len(stream.finished) < stream.num_completions:
+            while len(finished) < stream.num_completions:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 if item.finished:
-                    stream.finished.add(item.index)
+                    finished.add(item.index)
                 yield item
         finally:
-            if len(stream.finished) < stream.num_completions:
+            if len(finished) < stream.num_completions:
                 self.abort(request_id)  # the consumer stopped early (e.g. client disconnected)
 
     def abort(self, request_id: str) -> None:
@@ -147,8 +150,8 @@ class EngineClient:
                 continue
             stream.put(delta)
             if delta.finished:
-                stream.finished.add(delta.index)
-                if len(stream.finished) >= stream.num_completions:
+                stream.sent_final.add(delta.index)
+                if len(stream.sent_final) >= stream.num_completions:
                     del self._streams[delta.request_id]
 
     def _abort_all(self) -> None:
