@@ -160,6 +160,8 @@ class LLM:
         while self.engine.has_work:
             for delta in self.engine.step():
                 deltas.setdefault((delta.request_id, delta.index), []).append(delta)
+            if not self.engine.last_step_ran:
+                self.engine.wait_for_progress(0.05)
         outputs = []
         for rid, text, tokens, p, name in zip(
             request_ids, texts, token_lists, params, adapters, strict=True

@@ -173,6 +173,8 @@ class EngineClient:
                 if self._core.has_work:
                     self._dispatch(self._core.step())
                     self._stats = self._core.stats()
+                    if not self._core.last_step_ran:
+                        self._core.wait_for_progress(self._idle_wait_s)
                     continue
                 if self._stopped.is_set():
                     return

@@ -35,6 +35,7 @@ class EngineCore:
         self.scheduler = scheduler
         self.pager = pager
         self.num_steps = 0
+        self.last_step_ran = False  # False: nothing was schedulable (e.g. adapters still loading)
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
 
@@ -114,11 +115,18 @@ class EngineCore:
         deltas = self._fail_load_errors()
         ready = self.pager.is_ready if self.pager is not None else (lambda _: True)
         plan = self.scheduler.schedule(ready)
+        self.last_step_ran = bool(plan.sequences)
         if plan.sequences:
             self.num_steps += 1
             deltas += self._execute(plan)
         self._release_finished()
         return deltas
+
+    def wait_for_progress(self, timeout: float) -> None:
+        """Block (up to timeout) until an adapter load finishes: call after a step that ran
+        nothing, instead of spinning (a spinning loop would starve the loader threads)."""
+        if self.pager is not None and self.pager.stats().loading:
+            self.pager.wait(timeout)
 
     def _release_finished(self) -> None:
         for request in self.scheduler.drain_finished():

@@ -240,13 +240,17 @@ class Scheduler:
         adapter_ready: Callable[[str], bool],
     ) -> None:
         bs = self.blocks.block_size
+        readiness: dict[str, bool] = {}  # asked once per adapter per step
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
             request = seq.request
             adapter = request.adapter
-            if adapter is not None and not adapter_ready(adapter):
-                continue  # still loading: later requests may run meanwhile
+            if adapter is not None:
+                if adapter not in readiness:
+                    readiness[adapter] = adapter_ready(adapter)
+                if not readiness[adapter]:
+                    continue  # still loading: later requests may run meanwhile
             if not self._fits_adapter(adapter, step_adapters):
                 return
             tokens = seq.all_token_ids()

@@ -1,0 +1,232 @@
+"""Offline throughput on CPU with SmolLM2: base only, many MixLoRA adapters, the authors' package.
+
+256 requests (prompts of 24-64 tokens, 32 generated tokens each, ignore_eos) through
+`mixserve.LLM`:
+  base     — no adapters;
+  uniform  — 100 MixLoRA adapters (E=4, top-2, r=8, all 7 targets: ~28 MB fp32 each, the
+             size of mixlora_spec.md's SmolLM2 example), adapter drawn uniformly per request;
+  zipf     — the same 100 adapters with Zipf(1.0) popularity.
+The authors' `mixlora` package (0.2.3) serves one adapter at a time: for each adapter used, a
+fresh copy of the transformers model gets it injected, and that adapter's prompts are generated
+as one left-padded batch with `generate` (greedy). Its time includes switching adapters.
+Also reports disk-to-ready load time (read + validate + copy into a slot) of one adapter.
+
+    python bench/serving_throughput.py [--requests 256] [--adapters 100] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from support.adapter_files import BaseDims, write_adapter  # noqa: E402
+from support.reference_mixlora import inject_mixlora  # noqa: E402
+
+import mixserve  # noqa: E402
+from mixserve.adapters import AdapterPool, PoolShape, load_adapter  # noqa: E402
+from mixserve.model.default_model import default_model_dir  # noqa: E402
+from mixserve.types import SamplingParams  # noqa: E402
+
+
+def _workload(num_requests: int, num_adapters: int, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    prompts = [
+        [rng.randint(100, 49000) for _ in range(rng.randint(24, 64))] for _ in range(num_requests)
+    ]
+    names = [f"a{i}" for i in range(num_adapters)]
+    zipf_weights = [1 / (i + 1) for i in range(num_adapters)]
+    return {
+        "prompts": prompts,
+        "uniform": [rng.choice(names) for _ in range(num_requests)],
+        "zipf": rng.choices(names, weights=zipf_weights, k=num_requests),
+    }
+
+
+def _throughput(
+    llm: mixserve.LLM, prompts: list[list[int]], adapters: list[str | None], params: SamplingParams
+) -> tuple[float, int]:
+    start = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, adapter=adapters)
+    seconds = time.perf_counter() - start
+    return seconds, sum(len(o.token_ids) for o in outs)
+
+
+def bench_mixserve(
+    model_dir: str, adapter_dirs: dict[str, str], work: dict, params: SamplingParams, slots: int
+) -> dict:
+    results = {}
+    base = mixserve.LLM(model_dir, max_num_seqs=64, max_num_batched_tokens=1024)
+    seconds, tokens = _throughput(base, work["prompts"], [None] * len(work["prompts"]), params)
+    results["base"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    del base
+    for popularity in ("uniform", "zipf"):
+        # Adapters are registered, not preloaded: the first requests of each pay its disk load.
+        llm = mixserve.LLM(
+            model_dir,
+            max_num_seqs=64,
+            max_num_batched_tokens=1024,
+            max_lora_rank=8,
+            max_experts=4,
+            num_adapter_slots=slots,
+        )
+        for name, path in adapter_dirs.items():
+            llm.engine.pager.add_source(name, path)
+        seconds, tokens = _throughput(llm, work["prompts"], work[popularity], params)
+        stats = llm.stats()
+        results[popularity] = {
+            "seconds": seconds,
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "distinct_adapters": len(set(work[popularity])),
+            "slot_evictions": stats.pager.slot_evictions,
+            "disk_loads": stats.pager.disk_loads,
+            "preemptions": stats.scheduler.num_preemptions,
+        }
+        del llm
+    return results
+
+
+def bench_package(
+    model_dir: str,
+    adapter_dirs: dict[str, str],
+    work: dict,
+    params: SamplingParams,
+    popularity: str,
+) -> dict:
+    from support.tiny_models import load_reference
+
+    base = load_reference(model_dir)
+    by_adapter: dict[str, list[list[int]]] = {}
+    for prompt, name in zip(work["prompts"], work[popularity], strict=True):
+        by_adapter.setdefault(name, []).append(prompt)
+    tokens = 0
+    start = time.perf_counter()
+    for name, prompts in by_adapter.items():
+        model = inject_mixlora(copy.deepcopy(base), adapter_dirs[name])
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=params.max_tokens,
+                min_new_tokens=params.max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        tokens += (out.shape[1] - width) * len(prompts)
+        del model
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+def bench_load_time(model_dir: str, adapter_dir: str, repeats: int = 5) -> dict:
+    llm = mixserve.LLM(
+        model_dir,
+        max_lora_rank=8,
+        max_experts=4,
+        num_adapter_slots=1,
+        kv_cache_memory_bytes=16 * 2**20,
+    )
+    arch = llm.arch
+    shape = PoolShape.covering([load_adapter("x", adapter_dir, arch).spec], arch.num_layers)
+    pool = AdapterPool(arch, shape, 1, llm.engine.runner.model.dtype, "cpu")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        weights = load_adapter("x", adapter_dir, arch)
+        pool.load(0, weights)
+        times.append(time.perf_counter() - start)
+    size = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir))
+    return {"median_seconds": statistics.median(times), "file_mb": size / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--adapters", type=int, default=100)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--skip-package", action="store_true")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "results", "serving_throughput.json"),
+    )
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model_dir = default_model_dir()
+    from transformers import AutoConfig
+
+    dims = BaseDims.of(AutoConfig.from_pretrained(model_dir))
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    work = _workload(args.requests, args.adapters)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dirs = {
+            f"a{i}": write_adapter(
+                os.path.join(tmp, f"a{i}"),
+                dims,
+                "mixlora",
+                r=8,
+                num_experts=4,
+                seed=i,
+                delta_scale=0.1,
+                router_scale=1.0,
+            )
+            for i in range(args.adapters)
+        }
+        results = {"load_time": bench_load_time(model_dir, adapter_dirs["a0"])}
+        results.update(bench_mixserve(model_dir, adapter_dirs, work, params, args.slots))
+        if not args.skip_package:
+            for popularity in ("uniform", "zipf"):
+                results[f"package_{popularity}"] = bench_package(
+                    model_dir, adapter_dirs, work, params, popularity
+                )
+    base = results["base"]["tokens_per_s"]
+    lines = [f"{'variant':<20}{'tokens/s':>10}{'vs base':>9}{'vs package':>12}"]
+    for name in ("base", "uniform", "zipf", "package_uniform", "package_zipf"):
+        if name not in results:
+            continue
+        r = results[name]
+        package = results.get(f"package_{name}")
+        vs_package = f"{r['tokens_per_s'] / package['tokens_per_s']:.2f}x" if package else ""
+        lines.append(
+            f"{name:<20}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>8.2f}x{vs_package:>12}"
+        )
+    load = results["load_time"]
+    lines.append(
+        f"adapter load (disk -> slot), {load['file_mb']:.1f} MB: "
+        f"{load['median_seconds'] * 1e3:.0f} ms"
+    )
+    sys.stdout.write("\n".join(lines) + "\n")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+                "command": "python bench/serving_throughput.py " + " ".join(sys.argv[1:]),
+                "results": results,
+            },
+            f,
+            indent=2,
+        )
+    sys.stdout.write(f"wrote {args.out}\n")
+
+
+if __name__ == "__main__":
+    main()
