@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import TYPE_CHECKING
 
 from mixserve.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams
 
 if TYPE_CHECKING:
     from mixserve.llm import LLM
+
+try:
+    __version__ = metadata.version("mixserve")
+except metadata.PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0+unknown"
 
 __all__ = ["LLM", "CompletionOutput", "FinishReason", "RequestOutput", "SamplingParams"]
 

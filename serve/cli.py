@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from mixserve.adapters import AdapterError
+from mixserve.cli_serve import add_serve_arguments, configs_from_args
 from mixserve.model import ModelLoadError
 
 logger = logging.getLogger("mixserve")
@@ -23,7 +25,11 @@ def _adapter_arg(value: str) -> tuple[str, str]:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixserve", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("MIXSERVE_LOG_LEVEL", "INFO"),
+        help="logging level (default INFO) [env MIXSERVE_LOG_LEVEL]",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser(
@@ -54,6 +60,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--no-base", action="store_true", help="skip the base model's completion")
     gen.add_argument("--json", action="store_true", help="one JSON object per completion")
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    add_serve_arguments(serve)
 
     conv = sub.add_parser(
         "convert",
@@ -141,6 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            from mixserve.server import run_server
+
+            engine_config, server_config = configs_from_args(args)
+            run_server(engine_config, server_config, log_level=args.log_level)
+            return 0
         return _convert(args)
     except (AdapterError, ModelLoadError, ValueError) as exc:
         sys.stderr.write(f"mixserve {args.command}: error: {exc}\n")

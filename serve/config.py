@@ -110,3 +110,32 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     adapters: AdapterPoolConfig = AdapterPoolConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # default: the model folder's name
+    api_key: str | None = None  # required on every /v1 route when set
+    adapter_dirs: tuple[str, ...] = ()  # roots that adapter names resolve under
+    enable_adapter_loading: bool = False  # POST /v1/load_lora_adapter and /unload_lora_adapter
+    demo_adapters: bool = False  # generate and serve the synthetic demo-* adapters
+    max_body_bytes: int = 4 * 2**20
+    max_prompt_tokens: int | None = None  # None: the model's context length
+    max_tokens_limit: int = 4096  # upper bound on max_tokens per request
+    max_queue: int = 256  # open requests before new ones get 429
+    drain_timeout_s: float = 30.0  # SIGTERM: time running requests get to finish
+    expert_metrics: bool = False  # opt-in per-expert routing series
+    max_expert_metric_adapters: int = 20
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError("port must be in [1, 65535]")
+        for name in ("max_body_bytes", "max_tokens_limit", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be >= 1")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")

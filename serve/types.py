@@ -118,6 +118,8 @@ class SampledToken:
 class RunnerOutput:
     # seq_id -> num_samples sampled tokens (one unless the sequence forks into n completions)
     sampled: dict[int, list[SampledToken]] = field(default_factory=dict)
+    # adapter slot -> routing decisions per expert this step (only when counting is enabled)
+    expert_counts: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def sampled_token_ids(self) -> dict[int, int]:

@@ -20,7 +20,9 @@ def _plain_segments(rows: torch.Tensor, slots: torch.Tensor, num_experts: int) -
     )
 
 
-def build_lora_batch(pool: AdapterPool, token_slots: torch.Tensor) -> LoraBatch | None:
+def build_lora_batch(
+    pool: AdapterPool, token_slots: torch.Tensor, *, count_experts: bool = False
+) -> LoraBatch | None:
     """token_slots [T] int64 (-1 = no adapter) -> LoraBatch, or None when no token has an adapter.
 
     Plain-LoRA segments do not depend on the layer, so they are built once per step here; routed
@@ -59,4 +61,8 @@ def build_lora_batch(pool: AdapterPool, token_slots: torch.Tensor) -> LoraBatch 
             for name, slots in by_activation.items()
         )
         ffn = FfnBatch(rows=rows_all[ffn_mask], slots=ffn_slots, activations=activations)
-    return LoraBatch(stacks=pool.stacks, sites=sites, ffn=ffn)
+    counts = None
+    if count_experts:
+        width = max(pool.shape.attn_experts, pool.shape.mlp_experts)
+        counts = torch.zeros(pool.num_slots, width, dtype=torch.int64, device=token_slots.device)
+    return LoraBatch(stacks=pool.stacks, sites=sites, ffn=ffn, expert_counts=counts)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mixserve.engine.client import EngineClient, EngineDeadError, EngineShuttingDownError
-from mixserve.engine.core import EngineCore, EngineStats
+from mixserve.engine.core import EngineCore, EngineStats, StepReport
 
 __all__ = [
     "EngineClient",
@@ -11,4 +11,5 @@ __all__ = [
     "EngineDeadError",
     "EngineShuttingDownError",
     "EngineStats",
+    "StepReport",
 ]

@@ -14,11 +14,14 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from mixserve.engine.core import EngineCore, EngineStats
+from mixserve.engine.core import EngineCore, EngineStats, StepReport
 from mixserve.types import SamplingParams, TokenDelta
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -46,8 +49,15 @@ class _Stream:
 
 
 class EngineClient:
-    def __init__(self, core: EngineCore, *, idle_wait_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        core: EngineCore,
+        *,
+        idle_wait_s: float = 0.05,
+        on_step: Callable[[EngineCore, StepReport], None] | None = None,
+    ) -> None:
         self._core = core
+        self._on_step = on_step  # called on the engine thread after every step (metrics)
         self._idle_wait_s = idle_wait_s
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -136,6 +146,26 @@ class EngineClient:
             if len(finished) < stream.num_completions:
                 self.abort(request_id)  # the consumer stopped early (e.g. client disconnected)
 
+    async def call(self, fn: Callable[[EngineCore], T]) -> T:
+        """Run fn(core) on the engine thread between steps (the only safe way to touch the core,
+        e.g. to register or unload adapters) and return its result or raise its exception."""
+        if self._dead is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the engine is not running ({self._dead!r})")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self._core)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                loop.call_soon_threadsafe(_settle, done, exc)
+                return
+            loop.call_soon_threadsafe(_resolve, done, result)
+
+        self._commands.put(run)
+        self._wakeup.set()
+        return await done
+
     def abort(self, request_id: str) -> None:
         """End a request and free its resources; safe from any thread, idempotent."""
         self._commands.put(lambda: self._dispatch(self._core.abort(request_id)))
@@ -158,21 +188,27 @@ class EngineClient:
         for request_id in list(self._streams):
             self._dispatch(self._core.abort(request_id))
 
-    def _drain_commands(self) -> None:
+    def _drain_commands(self) -> int:
+        count = 0
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return count
             command()
+            count += 1
 
     def _run(self) -> None:
         try:
             while True:
-                self._drain_commands()
+                if self._drain_commands() and self._on_step is not None:
+                    # Commands change state between steps (aborts free blocks): report it too.
+                    self._on_step(self._core, StepReport(False, 0, (), (), ()))
                 if self._core.has_work:
                     self._dispatch(self._core.step())
                     self._stats = self._core.stats()
+                    if self._on_step is not None:
+                        self._on_step(self._core, self._core.last_report)
                     if not self._core.last_step_ran:
                         self._core.wait_for_progress(self._idle_wait_s)
                     continue
@@ -187,6 +223,11 @@ class EngineClient:
             for stream in list(self._streams.values()):
                 stream.put(error)
             self._streams.clear()
+
+
+def _resolve(future: asyncio.Future[T], value: T) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -19,6 +19,17 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class StepReport:
+    """What one step did, for metrics (plain data; metrics/ turns it into series)."""
+
+    ran: bool  # False: nothing was schedulable (e.g. adapters still loading)
+    num_scheduled_tokens: int
+    queue_seconds: tuple[float, ...]  # requests first scheduled in this step
+    adapter_loads: tuple[tuple[str, float, bool], ...]  # (name, seconds, ok) finished loads
+    expert_counts: tuple[tuple[str, tuple[int, ...]], ...]  # (adapter, per-expert decisions)
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStats:
     scheduler: SchedulerStats
     pager: PagerStats | None
@@ -36,6 +47,9 @@ class EngineCore:
         self.pager = pager
         self.num_steps = 0
         self.last_step_ran = False  # False: nothing was schedulable (e.g. adapters still loading)
+        self.last_report = StepReport(False, 0, (), (), ())
+        self._loads: list[tuple[str, float, bool]] = []
+        self._expert_counts: list[tuple[str, tuple[int, ...]]] = []
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
 
@@ -80,6 +94,7 @@ class EngineCore:
         if self.pager is None:
             return deltas
         for result in self.pager.poll():
+            self._loads.append((result.name, result.seconds, result.error is None))
             if result.error is None:
                 continue
             logger.warning("adapter '%s' failed to load: %s", result.name, result.error)
@@ -108,6 +123,11 @@ class EngineCore:
             self.num_prompt_tokens += max(0, min(end, prompt_len) - min(start, prompt_len))
         deltas = self.scheduler.update(plan, output)
         self.num_generated_tokens += sum(len(tokens) for tokens in output.sampled.values())
+        if output.expert_counts and self.pager is not None:
+            names = self.pager.pool.names
+            for slot, counts in output.expert_counts.items():
+                if names[slot] is not None:
+                    self._expert_counts.append((names[slot], counts))
         return deltas
 
     def step(self) -> list[TokenDelta]:
@@ -120,6 +140,15 @@ class EngineCore:
             self.num_steps += 1
             deltas += self._execute(plan)
         self._release_finished()
+        self.last_report = StepReport(
+            ran=self.last_step_ran,
+            num_scheduled_tokens=plan.num_tokens,
+            queue_seconds=tuple(self.scheduler.drain_queue_times()),
+            adapter_loads=tuple(self._loads),
+            expert_counts=tuple(self._expert_counts),
+        )
+        self._loads.clear()
+        self._expert_counts.clear()
         return deltas
 
     def wait_for_progress(self, timeout: float) -> None:

@@ -65,6 +65,18 @@ class LoraBatch:
     stacks: AdapterStacks
     sites: Mapping[str, SiteBatch]  # only sites that some row of this step reaches
     ffn: FfnBatch | None
+    # Opt-in: routing decisions per (slot, expert), summed over layers and routed sites. The
+    # model adds to it in place; [S, E] int64.
+    expert_counts: torch.Tensor | None = None
+
+
+def count_routed(lora: LoraBatch, slots: torch.Tensor, weights: torch.Tensor) -> None:
+    """Add this router's decisions (weights [N, E] > 0 of rows in slots [N]) to the counts."""
+    counts = lora.expert_counts
+    if counts is None or slots.numel() == 0:
+        return
+    num_experts = weights.shape[1]
+    counts[:, :num_experts].index_add_(0, slots, (weights > 0).to(counts.dtype))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from mixserve.kernels import ExpertLora, moe_lora_ffn, route
-from mixserve.model.context import LoraBatch
+from mixserve.model.context import LoraBatch, count_routed
 from mixserve.model.layers import linear
 from mixserve.model.lora import add_site_delta
 
@@ -37,6 +37,7 @@ def _mixlora_experts(
     assert ffn is not None and lora.stacks.ffn_router is not None
     router = lora.stacks.ffn_router[layer_idx]
     weights = route(x.index_select(0, ffn.rows), ffn.slots, router, lora.stacks.routing)  # [N, E]
+    count_routed(lora, ffn.slots, weights)
     experts = [
         _expert_lora(lora, site, layer_idx) for site in ("gate_proj", "up_proj", "down_proj")
     ]

@@ -12,7 +12,7 @@ from mixserve.kernels import (
     lora_shrink,
     route,
 )
-from mixserve.model.context import LoraBatch
+from mixserve.model.context import LoraBatch, count_routed
 
 
 def site_segments(lora: LoraBatch, site: str, layer_idx: int, x: torch.Tensor) -> Segments | None:
@@ -30,6 +30,7 @@ def site_segments(lora: LoraBatch, site: str, layer_idx: int, x: torch.Tensor) -
             stack.router[layer_idx],
             lora.stacks.routing,
         )  # [N, E]
+        count_routed(lora, batch.routed_slots, weights)
         routed = build_segments(weights, batch.routed_rows, batch.routed_slots, stack.num_experts)
     if batch.plain is None:
         return routed

@@ -33,6 +33,7 @@ class ModelRunner:
         )
         self.adapter_pool = adapter_pool
         self.eos_token_ids = eos_token_ids
+        self.count_experts = False  # opt-in routing statistics (metrics)
 
     def prepare(
         self, plan: SchedulerOutput, adapter_slots: Mapping[str, int]
@@ -74,7 +75,9 @@ class ModelRunner:
 
         lora = None
         if self.adapter_pool is not None and any(s >= 0 for s in token_slots):
-            lora = build_lora_batch(self.adapter_pool, tensor(token_slots))
+            lora = build_lora_batch(
+                self.adapter_pool, tensor(token_slots), count_experts=self.count_experts
+            )
         ctx = ForwardContext(
             slot_mapping=tensor(slot_mapping),
             block_tables=block_tables.to(device),
@@ -87,12 +90,17 @@ class ModelRunner:
         return tensor(input_ids), tensor(positions), ctx
 
     @torch.inference_mode()
+    def _forward(
+        self, plan: SchedulerOutput, adapter_slots: Mapping[str, int]
+    ) -> tuple[torch.Tensor, ForwardContext]:
+        input_ids, positions, ctx = self.prepare(plan, adapter_slots)
+        return self.model.forward(input_ids, positions, ctx), ctx
+
     def compute_logits(
         self, plan: SchedulerOutput, adapter_slots: Mapping[str, int]
     ) -> torch.Tensor:
         """Float32 logits [N, V], one row per sequence with sample=True, in plan order."""
-        input_ids, positions, ctx = self.prepare(plan, adapter_slots)
-        return self.model.forward(input_ids, positions, ctx)
+        return self._forward(plan, adapter_slots)[0]
 
     @torch.inference_mode()
     def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
@@ -109,11 +117,15 @@ class ModelRunner:
         self.copy_blocks(plan.block_copies)
         if not plan.sequences:
             return RunnerOutput()
-        logits = self.compute_logits(plan, adapter_slots)
+        logits, ctx = self._forward(plan, adapter_slots)
+        counts: dict[int, tuple[int, ...]] = {}
+        if ctx.lora is not None and ctx.lora.expert_counts is not None:
+            for slot, row in enumerate(ctx.lora.expert_counts.tolist()):
+                if any(row):
+                    counts[slot] = tuple(row)
         sampled_seqs = [s for s in plan.sequences if s.sample]
-        if not sampled_seqs:
-            return RunnerOutput()
-        tokens = sample(logits, sampled_seqs, self.eos_token_ids)
-        return RunnerOutput(
-            sampled={s.seq_id: t for s, t in zip(sampled_seqs, tokens, strict=True)}
-        )
+        sampled = {}
+        if sampled_seqs:
+            tokens = sample(logits, sampled_seqs, self.eos_token_ids)
+            sampled = {s.seq_id: t for s, t in zip(sampled_seqs, tokens, strict=True)}
+        return RunnerOutput(sampled=sampled, expert_counts=counts)

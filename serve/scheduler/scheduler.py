@@ -14,6 +14,7 @@ know slot numbers, only the cap.
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class Scheduler:
         self._next_arrival = 0
         self._pending_copies: dict[int, tuple[int, int]] = {}  # child seq_id -> (src, dst) block
         self._finished: list[Request] = []
+        self._queue_times: list[float] = []  # seconds from arrival to first scheduling
         self.num_preemptions = 0
 
     # -- requests ------------------------------------------------------------------------------
@@ -143,6 +145,11 @@ class Scheduler:
 
     def waiting_adapters(self) -> set[str]:
         return {s.request.adapter for s in self.waiting if s.request.adapter is not None}
+
+    def drain_queue_times(self) -> list[float]:
+        """Queue times (arrival to first scheduled) of requests first scheduled since last call."""
+        times, self._queue_times = self._queue_times, []
+        return times
 
     def drain_finished(self) -> list[Request]:
         finished, self._finished = self._finished, []
@@ -266,6 +273,9 @@ class Scheduler:
             ):
                 return
             self.waiting.remove(seq)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+                self._queue_times.append(request.first_scheduled_time - request.arrival_time)
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.priority)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ class Request:
     adapter_key: Hashable  # prefix-cache identity: (name, weights uid), or None for the base
     arrival: int  # admission order; lower runs first
     sequences: list[Sequence] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     forked: bool = False  # n > 1: the other completions exist once the prompt is computed
 
     @property
