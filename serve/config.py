@@ -1,30 +1,28 @@
-"""Engine configuration: frozen dataclasses validated on creation."""
+"""Engine configuration: frozen dataclasses validated on creation (no torch: the scheduler,
+which must stay pure Python, reads these too)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-import torch
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+# Accepted spellings -> canonical dtype name (mixserve.model.dtypes maps names to torch dtypes).
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
-def parse_dtype(value: str | torch.dtype) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        if value not in _DTYPES.values():
-            raise ValueError(f"dtype {value} is not supported (float32, bfloat16, float16)")
-        return value
+def canonical_dtype(value: str) -> str:
     try:
-        return _DTYPES[value.lower()]
-    except KeyError:
+        return DTYPE_NAMES[value.lower()]
+    except (KeyError, AttributeError):
         raise ValueError(f"unknown dtype {value!r} (float32, bfloat16, float16)") from None
 
 
@@ -35,12 +33,9 @@ class ModelConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        parse_dtype(self.dtype)
-        torch.device(self.device)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return parse_dtype(self.dtype)
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        if not _DEVICE.match(self.device):
+            raise ValueError(f"unknown device {self.device!r} (cpu, cuda, cuda:N)")
 
 
 @dataclass(frozen=True, slots=True)

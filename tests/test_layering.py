@@ -26,7 +26,25 @@ FORBIDDEN = {
     ],
     "mixserve.runner": ["mixserve.llm", "mixserve.cli", "mixserve.offline_loop"],
     "mixserve.types": ["mixserve.model", "mixserve.adapters", "mixserve.runner"],
+    # The API handles HTTP and text; tensors, batches and kernels stay behind the engine.
+    "mixserve.api": [
+        "torch",
+        "mixserve.model",
+        "mixserve.runner",
+        "mixserve.kernels",
+        "mixserve.scheduler",
+    ],
+    "mixserve.scheduler": [
+        "torch",
+        "mixserve.model",
+        "mixserve.runner",
+        "mixserve.adapters",
+        "mixserve.engine",
+    ],
+    "mixserve.metrics": ["torch", "mixserve.model", "mixserve.runner", "mixserve.kernels"],
 }
+# model and kernels must never reach for metrics (checked both ways).
+FORBIDDEN["mixserve.model"].append("mixserve.metrics")
 ALLOWED_FOR_KERNELS = ("mixserve.kernels",)
 
 
@@ -72,3 +90,15 @@ def test_import_rules():
                     if hit:
                         violations.append(f"{module} imports {imported}")
     assert not violations, violations
+
+
+def test_scheduler_and_api_types_do_not_load_torch():
+    """The scheduler is pure Python: importing it (and its contracts) must not import torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import mixserve.scheduler, mixserve.types, mixserve.config; "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

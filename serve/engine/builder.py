@@ -18,6 +18,7 @@ from mixserve.config import AdapterPoolConfig, EngineConfig
 from mixserve.engine.core import EngineCore
 from mixserve.model import ArchConfig, load_model
 from mixserve.model.default_model import resolve_model_dir
+from mixserve.model.dtypes import torch_dtype
 from mixserve.runner import ModelRunner
 from mixserve.runner.kv_cache import num_blocks_for_budget
 from mixserve.scheduler import BlockManager, Scheduler
@@ -82,7 +83,7 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
 
     adapters = dict(adapters or {})
     model_dir = resolve_model_dir(config.model.model)
-    dtype, device = config.model.torch_dtype, torch.device(config.model.device)
+    dtype, device = torch_dtype(config.model.dtype), torch.device(config.model.device)
     model = load_model(model_dir, dtype, device)
     arch = model.arch
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
