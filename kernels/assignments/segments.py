@@ -14,7 +14,13 @@ class Segments:
     row_ids: torch.Tensor  # [P] int64: the routed row each assignment reads / writes
     group_ids: torch.Tensor  # [P] int64 non-decreasing: slot * E + expert
     weights: torch.Tensor  # [P] float32 routing weight (1 for plain LoRA)
+    # Device-side builders keep P fixed (no host sync, CUDA-graph friendly): entries at and beyond
+    # num_valid ([] int64 on the device) are padding and must be ignored. None: all are valid.
+    num_valid: torch.Tensor | None = None
 
     @property
     def num_assignments(self) -> int:
+        """Host-side count (syncs when num_valid is set; the reference path never sets it)."""
+        if self.num_valid is not None:
+            return int(self.num_valid)
         return int(self.row_ids.shape[0])

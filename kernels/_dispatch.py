@@ -1,0 +1,42 @@
+"""Which implementation an op runs: Triton for CUDA tensors, the torch reference otherwise.
+
+`MIXSERVE_KERNELS` forces a choice: `reference`, `triton` (also on CPU tensors, under
+`TRITON_INTERPRET=1`: how CI tests the kernels), or `auto` (default).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+ENV = "MIXSERVE_KERNELS"
+_MODES = ("auto", "reference", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(_MODES)}")
+    return value
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when the op should run its Triton implementation for tensors on this device."""
+    choice = mode()
+    if choice == "reference":
+        return False
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ENV}=triton but triton is not installed")
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"{ENV}=triton on {tensor.device} tensors needs TRITON_INTERPRET=1")
+        return True
+    return tensor.is_cuda and triton_available()
