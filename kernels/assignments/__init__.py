@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from mixserve.kernels._dispatch import use_triton
 from mixserve.kernels.assignments import reference
 from mixserve.kernels.assignments.segments import Segments
 
@@ -26,13 +27,28 @@ def build_segments(
     ties in row order.
 
     Shapes: weights [N, E'] float32 with E' <= num_experts; row_ids [N] int64; slot_ids [N]
-    int64. Returns Segments with P = number of non-zero weights.
+    int64. The reference returns exact-size Segments (P = number of positive weights,
+    num_valid None); the device builder returns P = N * E' entries, the valid ones first and
+    their count in ``num_valid`` (no host synchronisation).
     """
+    if use_triton(weights):
+        from mixserve.kernels.assignments import triton as device
+
+        return device.build_segments(weights, row_ids, slot_ids, num_experts)
     return reference.build_segments(weights, row_ids, slot_ids, num_experts)
 
 
 def concat_segments(first: Segments, second: Segments) -> Segments:
-    """Merge two segment lists into one sorted list (a site mixing plain and routed rows)."""
+    """Merge two segment lists into one sorted list (a site mixing plain and routed rows).
+
+    Stable: inside a group, ``first``'s assignments come before ``second``'s. Either input may be
+    padded (``num_valid`` set). The device version returns P = P_first + P_second entries with
+    ``num_valid`` set; the reference one the exact-size merge.
+    """
+    if use_triton(first.row_ids):
+        from mixserve.kernels.assignments import triton as device
+
+        return device.concat_segments(first, second)
     return reference.concat_segments(first, second)
 
 

@@ -24,6 +24,7 @@ def build_segments(
 
 
 def concat_segments(first: Segments, second: Segments) -> Segments:
+    first, second = first.trimmed(), second.trimmed()  # padded inputs from a device builder
     return _sorted(
         torch.cat([first.row_ids, second.row_ids]),
         torch.cat([first.group_ids, second.group_ids]),

@@ -24,3 +24,10 @@ class Segments:
         if self.num_valid is not None:
             return int(self.num_valid)
         return int(self.row_ids.shape[0])
+
+    def trimmed(self) -> Segments:
+        """The valid prefix as exact-size Segments (num_valid None); syncs when padded."""
+        if self.num_valid is None:
+            return self
+        count = int(self.num_valid)
+        return Segments(self.row_ids[:count], self.group_ids[:count], self.weights[:count])

@@ -2,13 +2,19 @@
 
 One call covers every adapter and expert of a step: the groups of all slots are stacked in one
 tensor and each segment of assignments gathers its own A/B pair. Ranks smaller than the stacked
-rank are zero-padded, so padded rows add nothing.
+rank are zero-padded, so padded rows add nothing; ``group_ranks`` ([G] int32, each at least the
+group's true rank) lets the Triton kernels skip loading them. The ``_pair`` ops run two
+projections that share x and segments (gate and up) in one launch.
+
+Segments may be padded (``num_valid`` set): entries from ``num_valid`` on are ignored; shrink
+outputs hold zeros there.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mixserve.kernels._dispatch import use_triton
 from mixserve.kernels.assignments import Segments
 from mixserve.kernels.lora import reference
 
@@ -19,6 +25,7 @@ def lora_shrink(
     segments: Segments,
     *,
     gather_rows: bool = True,
+    group_ranks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed shrink.
 
@@ -26,9 +33,44 @@ def lora_shrink(
     ``r(p) = segments.row_ids[p]`` when ``gather_rows`` else ``p`` (x already holds one row per
     assignment, in segment order).
 
-    Shapes: x [N, K]; lora_a [G, R, K] (same dtype as x); returns s [P, R] in x's dtype.
+    Shapes: x [N, K] (or [P, K] when not gathering; may be strided); lora_a [G, R, K] (same dtype
+    as x); group_ranks [G] int32 or None. Returns s [P, R] in x's dtype.
     """
+    if use_triton(x):
+        from mixserve.kernels.lora import triton as device
+
+        return device.lora_shrink(
+            x, lora_a, segments, gather_rows=gather_rows, group_ranks=group_ranks
+        )
     return reference.lora_shrink(x, lora_a, segments, gather_rows=gather_rows)
+
+
+def lora_shrink_pair(
+    x: torch.Tensor,
+    lora_a1: torch.Tensor,
+    lora_a2: torch.Tensor,
+    segments: Segments,
+    *,
+    gather_rows: bool = True,
+    group_ranks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two routed shrinks of the same rows (gate and up), one launch: x is read once.
+
+    Semantics: ``(lora_shrink(x, lora_a1, ...), lora_shrink(x, lora_a2, ...))``.
+
+    Shapes: as `lora_shrink`, with lora_a1, lora_a2 [G, R, K] each (the same shape for the fused
+    launch; otherwise two launches). Returns (s1, s2), [P, R] each.
+    """
+    if use_triton(x):
+        from mixserve.kernels.lora import triton as device
+
+        return device.lora_shrink_pair(
+            x, lora_a1, lora_a2, segments, gather_rows=gather_rows, group_ranks=group_ranks
+        )
+    return (
+        reference.lora_shrink(x, lora_a1, segments, gather_rows=gather_rows),
+        reference.lora_shrink(x, lora_a2, segments, gather_rows=gather_rows),
+    )
 
 
 def lora_expand(
@@ -39,6 +81,7 @@ def lora_expand(
     out: torch.Tensor,
     *,
     scatter_rows: bool = True,
+    group_ranks: torch.Tensor | None = None,
 ) -> None:
     """Routed expand with a per-assignment weight epilogue, accumulated in place.
 
@@ -47,9 +90,51 @@ def lora_expand(
     (a routed site) or ``coef = scale`` (per-assignment rows of the MixLoRA FFN).
 
     Shapes: s [P, R]; lora_b [G, N_out, R] (same dtype as s); coef [P] float32;
-    out [N, N_out] (may be a strided view) or [P, N_out] when not scattering.
+    out [N, N_out] (may be a strided view) or [P, N_out] when not scattering;
+    group_ranks [G] int32 or None.
     """
+    if use_triton(s):
+        from mixserve.kernels.lora import triton as device
+
+        device.lora_expand(
+            s, lora_b, segments, coef, out, scatter_rows=scatter_rows, group_ranks=group_ranks
+        )
+        return
     reference.lora_expand(s, lora_b, segments, coef, out, scatter_rows=scatter_rows)
 
 
-__all__ = ["lora_expand", "lora_shrink"]
+def lora_expand_pair(
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    lora_b1: torch.Tensor,
+    lora_b2: torch.Tensor,
+    segments: Segments,
+    coef1: torch.Tensor,
+    coef2: torch.Tensor,
+    out1: torch.Tensor,
+    out2: torch.Tensor,
+    *,
+    scatter_rows: bool = True,
+    group_ranks: torch.Tensor | None = None,
+) -> None:
+    """Two routed expands over the same segments (gate and up), one launch.
+
+    Semantics: ``lora_expand(s1, lora_b1, segments, coef1, out1, ...)`` then the same with the
+    second operands; out1 and out2 must not overlap.
+
+    Shapes: as `lora_expand` for each (N_out may differ; the same R and dtype for the fused
+    launch, otherwise two launches).
+    """
+    if use_triton(s1):
+        from mixserve.kernels.lora import triton as device
+
+        device.lora_expand_pair(
+            s1, s2, lora_b1, lora_b2, segments, coef1, coef2, out1, out2,
+            scatter_rows=scatter_rows, group_ranks=group_ranks,
+        )  # fmt: skip
+        return
+    reference.lora_expand(s1, lora_b1, segments, coef1, out1, scatter_rows=scatter_rows)
+    reference.lora_expand(s2, lora_b2, segments, coef2, out2, scatter_rows=scatter_rows)
+
+
+__all__ = ["lora_expand", "lora_expand_pair", "lora_shrink", "lora_shrink_pair"]

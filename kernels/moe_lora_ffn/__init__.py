@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mixserve.kernels._dispatch import use_triton
 from mixserve.kernels.moe_lora_ffn import reference
 
 
@@ -45,6 +46,10 @@ def moe_lora_ffn(
     Shapes: x [T, H]; gate_up [T, 2I] (base projections); rows, slots [N] int64; weights [N, E]
     float32 (0 = not selected). Returns hidden [N, I] and down_delta [N, H] in x's dtype.
     """
+    if use_triton(x):
+        from mixserve.kernels.moe_lora_ffn import triton as device
+
+        return device.moe_lora_ffn(x, gate_up, rows, slots, weights, gate, up, down, act)
     return reference.moe_lora_ffn(x, gate_up, rows, slots, weights, gate, up, down, act)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from mixserve.kernels._dispatch import use_triton
 from mixserve.kernels.paged_attention import reference
 
 
@@ -23,6 +24,12 @@ def write_kv(
 
     Shapes: k, v [T, Hkv, D]; caches [NB, BS, Hkv, D]; slot_mapping [T] int64.
     """
+    if use_triton(k_cache):
+        # Imported on first use: triton reads TRITON_INTERPRET when the kernels are defined.
+        from mixserve.kernels.paged_attention import triton as triton_impl
+
+        triton_impl.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
     reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -46,6 +53,19 @@ def paged_attention(
     Shapes: q [T, Hq, D]; caches [NB, BS, Hkv, D] with Hq % Hkv == 0; block_tables [B, MB]
     int; query_lens, seq_lens: B host ints. Returns [T, Hq, D] in q's dtype.
     """
+    if use_triton(q):
+        from mixserve.kernels.paged_attention import triton as triton_impl
+
+        return triton_impl.paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            query_lens,
+            seq_lens,
+            scale=scale,
+            sliding_window=sliding_window,
+        )
     return reference.paged_attention(
         q,
         k_cache,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from mixserve.kernels._dispatch import use_triton
 from mixserve.kernels.routing import reference
 from mixserve.kernels.routing.params import RoutingParams, RoutingRule
 
@@ -36,6 +37,11 @@ def route(
     Shapes: x [N, K] (any float dtype); slot_ids [N] int64, every slot routed (rule != NONE);
     router [S, E, K] float32. Returns [N, E] float32.
     """
+    if use_triton(x):
+        # Imported on first use: triton reads TRITON_INTERPRET when the kernels are defined.
+        from mixserve.kernels.routing import triton as triton_impl
+
+        return triton_impl.route(x, slot_ids, router, params)
     return reference.route(x, slot_ids, router, params)
 
 

@@ -47,7 +47,9 @@ def add_site_delta(
     x [T, in]; out [T, out_features] (may be a column slice of a fused projection).
     """
     segments = site_segments(lora, site, layer_idx, x)
-    if segments is None or segments.num_assignments == 0:
+    # A padded (device-built) list may be empty too; the kernels mask it, and asking for its
+    # length here would cost a host sync per site per layer.
+    if segments is None or (segments.num_valid is None and segments.num_assignments == 0):
         return
     stack = lora.stacks.sites[site]
     lora_a = stack.lora_a[layer_idx].flatten(0, 1)  # [S*E, R, in]
