@@ -10,6 +10,12 @@ import torch
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
+# Without a GPU, Triton kernels run in its interpreter (tests/kernels/triton). triton.jit picks
+# interpreter or compiler when a function is decorated, triton.language's own helpers (tl.zeros)
+# included, so the variable must be set before any test imports triton, hence here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:

@@ -1,9 +1,10 @@
 """Triton kernel tests: each op's Triton implementation against its torch reference.
 
-Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET=1 must be set before a
-kernel module is imported (triton.jit picks interpreter or compiler at decoration time); the op
-wrappers import their Triton modules lazily, so setting it here is early enough. With a GPU the
-kernels compile for real and the tests run their full-size grids on CUDA tensors.
+Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET=1 must be set before
+triton.language is first imported (triton.jit picks interpreter or compiler at decoration time,
+tl.zeros and the other standard helpers included). The root conftest sets it before any test
+module is collected; tests elsewhere may import triton first. With a GPU the kernels compile for
+real and the tests run their full-size grids on CUDA tensors.
 
 Without triton installed the whole folder is skipped.
 """
@@ -19,8 +20,10 @@ import torch
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ON_GPU = torch.cuda.is_available()
 
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    raise pytest.UsageError(
+        "no GPU: run the Triton tests with TRITON_INTERPRET=1 (tests/conftest.py)"
+    )
 
 collect_ignore_glob = [] if HAS_TRITON else ["test_*.py"]
 
