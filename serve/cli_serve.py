@@ -248,6 +248,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "MIXSERVE_EXPERT_METRICS",
         "export tokens routed per expert (bounded label cardinality)",
     )
+    _add(
+        limits,
+        "--max-expert-metric-adapters",
+        "MIXSERVE_MAX_EXPERT_METRIC_ADAPTERS",
+        type=int,
+        default=20,
+        help="adapters with their own expert-metric labels; the rest count as 'other'",
+    )
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
@@ -287,5 +295,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
         max_queue=args.max_queue,
         drain_timeout_s=args.drain_timeout,
         expert_metrics=args.expert_metrics,
+        max_expert_metric_adapters=args.max_expert_metric_adapters,
     )
     return engine, server
