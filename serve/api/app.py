@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,21 @@ from mixserve.api.protocol import (
     UnloadAdapterRequest,
 )
 from mixserve.api.serving import ServerState
+from mixserve.config import ServerConfig
+
+
+def invalid_api_key_body() -> dict:
+    return error_body("missing or invalid API key", "authentication_error", None, "invalid_api_key")
+
+
+def api_key_ok(config: ServerConfig, path: str, headers: Mapping[str, str]) -> bool:
+    """False when an API key is configured, the route is under /v1 and the request does not
+    carry it as 'Authorization: Bearer KEY' (headers: lower-case names)."""
+    if not config.api_key or not path.startswith("/v1"):
+        return True
+    given = headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    return secrets.compare_digest(token.encode(), config.api_key.encode())
 
 
 class _Limits:
@@ -37,21 +53,9 @@ class _Limits:
             return
         config = self.state.config
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if config.api_key and scope["path"].startswith("/v1"):
-            given = headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token.encode(), config.api_key.encode()):
-                await self._reject(
-                    send,
-                    401,
-                    error_body(
-                        "missing or invalid API key",
-                        "authentication_error",
-                        None,
-                        "invalid_api_key",
-                    ),
-                )
-                return
+        if not api_key_ok(config, scope["path"], headers):
+            await self._reject(send, 401, invalid_api_key_body())
+            return
         limit = config.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
