@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import mixserve
-from mixserve.api import serving
 from mixserve.api.errors import APIError, error_body, install_handlers, model_not_found
 from mixserve.api.protocol import (
     ChatCompletionRequest,
@@ -21,6 +20,8 @@ from mixserve.api.protocol import (
     UnloadAdapterRequest,
 )
 from mixserve.api.serving import ServerState
+from mixserve.api.serving_chat import chat_completion
+from mixserve.api.serving_completions import completion
 from mixserve.config import ServerConfig
 
 
@@ -129,11 +130,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        return await serving.chat_completion(state, body, request)
+        return await chat_completion(state, body, request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await serving.completion(state, body, request)
+        return await completion(state, body, request)
 
     async def adapter_table() -> list[dict[str, Any]]:
         discovered = state.roots.discover()
