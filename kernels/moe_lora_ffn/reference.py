@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mixserve.kernels.assignments import build_segments
-from mixserve.kernels.lora import lora_expand, lora_shrink
+# The sub-ops' references, never their dispatching wrappers: this file is the oracle the Triton
+# version is tested against, so it must not turn into Triton when MIXSERVE_KERNELS=triton.
+from mixserve.kernels.assignments.reference import build_segments
+from mixserve.kernels.lora.reference import lora_expand, lora_shrink
 
 if TYPE_CHECKING:
     from mixserve.kernels.moe_lora_ffn import ExpertLora
@@ -78,7 +80,12 @@ def _sparse(
     down_delta = x.new_zeros(num_rows, down.lora_b.shape[2])
     shrunk = lora_shrink(hidden_p, down.lora_a.flatten(0, 1), segments, gather_rows=False)
     lora_expand(
-        shrunk, down.lora_b.flatten(0, 1), segments, down.scale[segments.group_ids], down_delta
+        shrunk,
+        down.lora_b.flatten(0, 1),
+        segments,
+        down.scale[segments.group_ids],
+        down_delta,
+        scatter_rows=True,
     )
     return hidden, down_delta
 

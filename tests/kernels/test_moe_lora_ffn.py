@@ -122,3 +122,17 @@ def test_empty_rows_and_bad_strategy():
     assert hidden.shape == (0, 40) and delta.shape == (0, 24)
     with pytest.raises(ValueError, match="strategy"):
         reference.moe_lora_ffn(*case, F.silu, strategy="fast")
+
+
+def test_reference_stays_torch_when_triton_is_forced(monkeypatch):
+    """The reference is the oracle of the Triton tests, which force MIXSERVE_KERNELS=triton: it
+    must call its sub-ops' references, not their dispatching wrappers. Without the interpreter,
+    a dispatched sub-op on CPU tensors would raise instead of computing."""
+    case = _case(5, tokens=12, slots_used=[0, 1], num_slots=2, experts=4, k=2, dtype=torch.float32)
+    expected = reference.moe_lora_ffn(*case, F.silu, strategy="sparse")
+    monkeypatch.setenv("MIXSERVE_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for strategy in ("sparse", "dense"):
+        got = reference.moe_lora_ffn(*case, F.silu, strategy=strategy)
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
