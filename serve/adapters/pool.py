@@ -122,7 +122,12 @@ class AdapterPool:
                 )
             self._sites[proj] = SiteStack(
                 lora_a=torch.zeros(layers, num_slots, experts, rank, in_f, **zeros),
-                lora_b=torch.zeros(layers, num_slots, experts, out_f, rank, **zeros),
+                # Stored [.., R, out] and exposed as its [.., out, R] view: expands read B
+                # along `out` contiguously (CPU batched GEMMs run ~2x faster with the
+                # tiny R innermost in the reduction; GPU tiles load coalesced rows).
+                lora_b=torch.zeros(
+                    layers, num_slots, experts, rank, out_f, **zeros
+                ).transpose(-1, -2),
                 scale=torch.zeros(
                     layers, num_slots * experts, dtype=torch.float32, device=self.device
                 ),
