@@ -1,5 +1,5 @@
-"""grouped_matmul / segment_matmul against per-row float64 matmuls, on the grouped_mm path and on
-the per-group loop it falls back to."""
+"""grouped_matmul / segment_matmul against per-row float64 matmuls, on each of its paths: the
+padded batched GEMM (few, similar rows per group), grouped_mm, and the per-group loop."""
 
 from __future__ import annotations
 
@@ -58,6 +58,25 @@ def grouped_mm_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@pytest.fixture
+def padded_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts calls into the padded batched-GEMM path."""
+    calls: list[int] = []
+    real = _grouped._padded_bmm
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_grouped, "_padded_bmm", spy)
+    return calls
+
+
+def skewed_ids(rows_per_group: dict[int, int]) -> torch.Tensor:
+    """Sorted group ids with these row counts: one big group keeps the padded path away."""
+    return torch.cat([torch.full((n,), g, dtype=torch.int64) for g, n in rows_per_group.items()])
+
+
 def sorted_ids(num_rows: int, groups: list[int], gen: torch.Generator) -> torch.Tensor:
     choice = torch.randint(0, len(groups), (num_rows,), generator=gen)
     return torch.sort(torch.tensor(groups)[choice]).values
@@ -97,7 +116,7 @@ def test_grouped_matmul_matches_per_row_loop(grouped_mm_calls, dtype, layout, k,
     gen = torch.Generator().manual_seed(1)
     b = weights_in_layout(layout, (9, k, n), dtype, gen)
     a = torch.randn(70, k, generator=gen).to(dtype)
-    ids = sorted_ids(70, [1, 2, 4, 5, 8], gen)
+    ids = skewed_ids({1: 40, 2: 10, 4: 10, 5: 5, 8: 5})
     got = grouped_matmul(a, b, ids)
     assert_matches(got, naive(a, b, ids), dtype)
     assert bool(grouped_mm_calls) == (fast and _grouped._HAS_GROUPED_MM)
@@ -108,7 +127,7 @@ def test_fast_path_and_loop_compute_the_same_function(grouped_mm_calls, dtype):
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(200, 32, generator=gen).to(dtype)
     b = torch.randn(12, 32, 40, generator=gen).to(dtype)
-    ids = sorted_ids(200, [0, 3, 4, 7, 11], gen)
+    ids = skewed_ids({0: 120, 3: 40, 4: 20, 7: 10, 11: 10})
     fast = grouped_matmul(a, b, ids)
     assert bool(grouped_mm_calls) == _grouped._HAS_GROUPED_MM
     grouped_mm_calls.clear()
@@ -134,7 +153,7 @@ def test_many_empty_groups_take_the_loop(grouped_mm_calls, dtype):
     gen = torch.Generator().manual_seed(4)
     a = torch.randn(40, 16, generator=gen).to(dtype)
     b = torch.randn(300, 16, 8, generator=gen).to(dtype)
-    ids = sorted_ids(40, [2, 150, 299], gen)
+    ids = skewed_ids({2: 36, 150: 2, 299: 2})
     assert_matches(grouped_matmul(a, b, ids), naive(a, b, ids), dtype)
     assert not grouped_mm_calls
 
@@ -144,9 +163,36 @@ def test_sparse_but_not_mostly_empty_groups_take_grouped_mm(grouped_mm_calls):
     a = torch.randn(64, 16, generator=gen)
     b = torch.randn(64, 16, 8, generator=gen)
     # 4 used groups spread over a range of 20, starting away from 0, with empty groups between.
-    ids = sorted_ids(64, [40, 47, 52, 59], gen)
+    ids = skewed_ids({40: 40, 47: 8, 52: 8, 59: 8})
     assert_matches(grouped_matmul(a, b, ids), naive(a, b, ids), torch.float32)
     assert bool(grouped_mm_calls) == _grouped._HAS_GROUPED_MM
+
+
+# (rows per group, weight layout): equal full groups over the whole range (a reshaped in place),
+# uneven groups with empty ones between (rows scattered into padding, used weights selected).
+PADDED_CASES = {
+    "equal_full_range": ({0: 4, 1: 4, 2: 4, 3: 4}, "contiguous"),
+    "equal_transposed_b": ({3: 2, 4: 2, 5: 2}, "transposed"),
+    "uneven_with_gaps": ({1: 3, 4: 5, 5: 1, 9: 4}, "contiguous"),
+    "uneven_column_slice_b": ({0: 2, 2: 6, 3: 3}, "column_slice"),
+    "one_row_each": (dict.fromkeys(range(0, 12, 2), 1), "transposed"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(PADDED_CASES))
+def test_padded_path_matches_per_row_loop(padded_calls, grouped_mm_calls, case, dtype):
+    rows_per_group, layout = PADDED_CASES[case]
+    gen = torch.Generator().manual_seed(10)
+    ids = skewed_ids(rows_per_group)
+    b = weights_in_layout(layout, (12, 16, 24), dtype, gen)
+    a = torch.randn(ids.shape[0], 16, generator=gen).to(dtype)
+    assert_matches(grouped_matmul(a, b, ids), naive(a, b, ids), dtype)
+    assert padded_calls and not grouped_mm_calls
+    # A strided a (a column slice) gives the same rows.
+    wide = torch.randn(ids.shape[0], 40, generator=gen).to(dtype)
+    wide[:, 8:24] = a
+    assert_matches(grouped_matmul(wide[:, 8:24], b, ids), naive(a, b, ids), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
