@@ -122,12 +122,10 @@ class AdapterPool:
                 )
             self._sites[proj] = SiteStack(
                 lora_a=torch.zeros(layers, num_slots, experts, rank, in_f, **zeros),
-                # Stored [.., R, out] and exposed as its [.., out, R] view: expands read B
-                # along `out` contiguously (CPU batched GEMMs run ~2x faster with the
-                # tiny R innermost in the reduction; GPU tiles load coalesced rows).
-                lora_b=torch.zeros(
-                    layers, num_slots, experts, rank, out_f, **zeros
-                ).transpose(-1, -2),
+                # Stored [.., R, out], exposed as the [.., out, R] view: expands read B along
+                # `out` contiguously (CPU batched GEMMs with R innermost ran 2x slower; on GPU
+                # the expand's [R, BLOCK_N] tiles become contiguous rows).
+                lora_b=torch.zeros(layers, num_slots, experts, rank, out_f, **zeros).mT,
                 scale=torch.zeros(
                     layers, num_slots * experts, dtype=torch.float32, device=self.device
                 ),
