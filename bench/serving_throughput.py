@@ -12,6 +12,8 @@ as one left-padded batch with `generate` (greedy). Its time includes switching a
 Also reports disk-to-ready load time (read + validate + copy into a slot) of one adapter.
 
     python bench/serving_throughput.py [--requests 256] [--adapters 100] [--max-tokens 32]
+    python bench/serving_throughput.py --device cuda --dtype bfloat16 --skip-package \
+        --adapters 32 --slots 32      # and --adapters 128 --slots 128 (issue: Triton kernels)
 """
 
 from __future__ import annotations
@@ -64,10 +66,15 @@ def _throughput(
 
 
 def bench_mixserve(
-    model_dir: str, adapter_dirs: dict[str, str], work: dict, params: SamplingParams, slots: int
+    model_dir: str,
+    adapter_dirs: dict[str, str],
+    work: dict,
+    params: SamplingParams,
+    slots: int,
+    device: dict[str, str],
 ) -> dict:
     results = {}
-    base = mixserve.LLM(model_dir, max_num_seqs=64, max_num_batched_tokens=1024)
+    base = mixserve.LLM(model_dir, max_num_seqs=64, max_num_batched_tokens=1024, **device)
     seconds, tokens = _throughput(base, work["prompts"], [None] * len(work["prompts"]), params)
     results["base"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
     del base
@@ -80,6 +87,7 @@ def bench_mixserve(
             max_lora_rank=8,
             max_experts=4,
             num_adapter_slots=slots,
+            **device,
         )
         for name, path in adapter_dirs.items():
             llm.engine.pager.add_source(name, path)
@@ -133,22 +141,28 @@ def bench_package(
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
-def bench_load_time(model_dir: str, adapter_dir: str, repeats: int = 5) -> dict:
+def bench_load_time(
+    model_dir: str, adapter_dir: str, device: dict[str, str], repeats: int = 5
+) -> dict:
     llm = mixserve.LLM(
         model_dir,
         max_lora_rank=8,
         max_experts=4,
         num_adapter_slots=1,
         kv_cache_memory_bytes=16 * 2**20,
+        **device,
     )
     arch = llm.arch
     shape = PoolShape.covering([load_adapter("x", adapter_dir, arch).spec], arch.num_layers)
-    pool = AdapterPool(arch, shape, 1, llm.engine.runner.model.dtype, "cpu")
+    model = llm.engine.runner.model
+    pool = AdapterPool(arch, shape, 1, model.dtype, model.device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         weights = load_adapter("x", adapter_dir, arch)
         pool.load(0, weights)
+        if pool.device.type == "cuda":
+            torch.cuda.synchronize(pool.device)
         times.append(time.perf_counter() - start)
     size = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir))
     return {"median_seconds": statistics.median(times), "file_mb": size / 2**20}
@@ -163,11 +177,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--skip-package", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (mixserve runs only)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(__file__), "results", "serving_throughput.json"),
     )
     args = parser.parse_args()
+    if args.device != "cpu" and not args.skip_package:
+        parser.error("the mixlora package baseline runs on CPU only: add --skip-package")
+    device = {"device": args.device, "dtype": args.dtype}
     torch.manual_seed(0)
     model_dir = default_model_dir()
     from transformers import AutoConfig
@@ -189,8 +208,8 @@ def main() -> None:
             )
             for i in range(args.adapters)
         }
-        results = {"load_time": bench_load_time(model_dir, adapter_dirs["a0"])}
-        results.update(bench_mixserve(model_dir, adapter_dirs, work, params, args.slots))
+        results = {"load_time": bench_load_time(model_dir, adapter_dirs["a0"], device)}
+        results.update(bench_mixserve(model_dir, adapter_dirs, work, params, args.slots, device))
         if not args.skip_package:
             for popularity in ("uniform", "zipf"):
                 results[f"package_{popularity}"] = bench_package(
@@ -218,7 +237,10 @@ def main() -> None:
         json.dump(
             {
                 "date": time.strftime("%Y-%m-%d"),
-                "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+                "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"
+                + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+                "device": args.device,
+                "dtype": args.dtype,
                 "command": "python bench/serving_throughput.py " + " ".join(sys.argv[1:]),
                 "results": results,
             },
