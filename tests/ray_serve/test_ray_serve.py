@@ -236,17 +236,17 @@ def test_a_dead_replica_fails_over_without_losing_other_requests(base_url):
     holder = next(name for name, s in stats.items() if "ad0" in s["resident_loads"])
     survivor = next(name for name, s in stats.items() if "ad1" in s["resident_loads"])
     assert holder != survivor
-    opened = threading.Barrier(6 + 1)
-    body = {
-        "model": "ad1",
-        "messages": [{"role": "user", "content": "go"}],
-        "max_tokens": 200,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    opened = threading.Barrier(6 + 1 + 1)
 
-    def stream_one() -> tuple[str, list[str], float]:
+    def stream_one(model: str = "ad1") -> tuple[str, list[str], float]:
         """(replica, events, when [DONE] arrived), holding the stream open until the kill."""
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 200 if model == "ad1" else 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
         with httpx.stream(
             "POST", base_url + "/v1/chat/completions", json=body, timeout=TIMEOUT
         ) as reply:
@@ -259,6 +259,8 @@ def test_a_dead_replica_fails_over_without_losing_other_requests(base_url):
 
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         streams = [pool.submit(stream_one) for _ in range(6)]
+        # Streaming on the replica about to die, its first chunk already sent: cut short.
+        cut = pool.submit(stream_one, "ad0")
         plain = [pool.submit(_chat, base_url, "ad1", max_tokens=100, ignore_eos=True)]
         # In flight on the replica about to die, with no byte sent yet: retried elsewhere.
         doomed = [pool.submit(_chat, base_url, "ad0", max_tokens=300, ignore_eos=True)]
@@ -266,6 +268,7 @@ def test_a_dead_replica_fails_over_without_losing_other_requests(base_url):
         killed_at = time.monotonic()
         ray.kill(_actor(holder), no_restart=True)
         results = [f.result(timeout=120) for f in streams]
+        cut_replica, cut_events, _ = cut.result(timeout=120)
         plain_reply, doomed_reply = plain[0].result(timeout=120), doomed[0].result(timeout=120)
     for replica, events, done_at in results:
         assert replica == survivor
@@ -273,6 +276,10 @@ def test_a_dead_replica_fails_over_without_losing_other_requests(base_url):
         finals = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]]
         assert finals[-1] == "length" and "error" not in "".join(events)
     assert _replica_of(plain_reply) == survivor
+    # The stream whose replica died ends with an OpenAI error event, then [DONE].
+    assert cut_replica == holder and cut_events[-1] == "[DONE]"
+    error = json.loads(cut_events[-2])["error"]
+    assert error["type"] == "service_unavailable" and "lost" in error["message"]
     assert plain_reply.json()["usage"]["completion_tokens"] == 100
     # The request that was running on the killed replica was re-run on a live one.
     assert doomed_reply.status_code == 200, doomed_reply.text
