@@ -28,6 +28,9 @@ class ExpertLora:
     lora_a: torch.Tensor  # [S, E, R, in]
     lora_b: torch.Tensor  # [S, E, out, R]
     scale: torch.Tensor  # [S * E] float32
+    # [S * E] int32, each (slot, expert)'s true rank: rank columns past it are zero padding that
+    # the Triton kernels then skip. None: every group uses all R.
+    group_ranks: torch.Tensor | None = None
 
 
 def moe_lora_ffn(

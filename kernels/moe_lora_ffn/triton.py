@@ -45,6 +45,14 @@ def _maybe_compact(segments: Segments, bytes_per_row: int) -> Segments:
     return segments.trimmed()
 
 
+def _pair_ranks(gate: ExpertLora, up: ExpertLora) -> torch.Tensor | None:
+    """One rank per group for the fused gate/up launch: the larger of the two (past a
+    projection's own rank its columns are zero, so reading up to the larger rank is exact)."""
+    if gate.group_ranks is None or up.group_ranks is None:
+        return None
+    return torch.maximum(gate.group_ranks, up.group_ranks)
+
+
 def moe_lora_ffn(
     x: torch.Tensor,
     gate_up: torch.Tensor,
@@ -69,14 +77,21 @@ def moe_lora_ffn(
     token_rows = rows.index_select(0, segments.row_ids)  # [P] token of each assignment
     by_token = Segments(token_rows, group_ids, segments.weights, segments.num_valid)
 
+    gate_up_ranks = _pair_ranks(gate, up)
     shrunk_gate, shrunk_up = lora_shrink_pair(
-        x, gate.lora_a.flatten(0, 1), up.lora_a.flatten(0, 1), by_token, gather_rows=True
+        x,
+        gate.lora_a.flatten(0, 1),
+        up.lora_a.flatten(0, 1),
+        by_token,
+        gather_rows=True,
+        group_ranks=gate_up_ranks,
     )  # [P, R] each
     gate_up_p = gate_up.index_select(0, token_rows)  # [P, 2I]: base projections per assignment
     lora_expand_pair(
         shrunk_gate, shrunk_up, gate.lora_b.flatten(0, 1), up.lora_b.flatten(0, 1), segments,
         gate.scale[group_ids], up.scale[group_ids],
         gate_up_p[:, :intermediate], gate_up_p[:, intermediate:], scatter_rows=False,
+        group_ranks=gate_up_ranks,
     )  # fmt: skip
     hidden_p = act(gate_up_p[:, :intermediate]).mul_(gate_up_p[:, intermediate:])  # [P, I]
     # Weight on h_p (the down LoRA is linear); padding has weight 0, so its rows vanish here.
@@ -85,11 +100,12 @@ def moe_lora_ffn(
     hidden.index_add_(0, segments.row_ids, hidden_p)
 
     shrunk_down = lora_shrink(
-        hidden_p, down.lora_a.flatten(0, 1), segments, gather_rows=False
-    )  # [P, R]
+        hidden_p, down.lora_a.flatten(0, 1), segments, gather_rows=False,
+        group_ranks=down.group_ranks,
+    )  # [P, R]  # fmt: skip
     down_delta = x.new_zeros(num_rows, down.lora_b.shape[2])  # [N, H]
     lora_expand(
         shrunk_down, down.lora_b.flatten(0, 1), segments, down.scale[group_ids], down_delta,
-        scatter_rows=True,
+        scatter_rows=True, group_ranks=down.group_ranks,
     )  # fmt: skip
     return hidden, down_delta

@@ -130,6 +130,7 @@ class AdapterPool:
                     layers, num_slots * experts, dtype=torch.float32, device=self.device
                 ),
                 router=router,
+                group_ranks=torch.zeros(num_slots * experts, dtype=torch.int32, device=self.device),
             )
         self._ffn_router = None
         if shape.ffn_router:
@@ -160,6 +161,7 @@ class AdapterPool:
             stack.lora_b[:, slot].zero_()
             experts = stack.num_experts
             stack.scale[:, slot * experts : (slot + 1) * experts] = 0
+            stack.group_ranks[slot * experts : (slot + 1) * experts] = 0
             if stack.router is not None:
                 stack.router[:, slot].zero_()
             self.site_kinds[proj][slot] = int(SiteKind.NONE)
@@ -213,6 +215,7 @@ class AdapterPool:
             stack.lora_b[:, slot, :num_e, :, :rank].copy_(site.lora_b)
             first = slot * stack.num_experts
             stack.scale[:, first : first + num_e].copy_(site.scale)
+            stack.group_ranks[first : first + num_e] = rank
             if site.router is not None:
                 assert stack.router is not None
                 stack.router[:, slot, :num_e].copy_(site.router)

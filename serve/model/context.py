@@ -27,6 +27,8 @@ class SiteStack:
     lora_b: torch.Tensor  # [L, S, E, out, R]
     scale: torch.Tensor  # [L, S * E] float32 (alpha / r, or alpha / sqrt(r) with rsLoRA)
     router: torch.Tensor | None  # [L, S, E, in] float32, plugin-MoE routers of this site
+    # [S * E] int32: each group's true rank (0 = empty); kernels that mask ranks skip the padding.
+    group_ranks: torch.Tensor
 
     @property
     def num_experts(self) -> int:

@@ -26,7 +26,9 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _expert_lora(lora: LoraBatch, site: str, layer_idx: int) -> ExpertLora:
     stack = lora.stacks.sites[site]
-    return ExpertLora(stack.lora_a[layer_idx], stack.lora_b[layer_idx], stack.scale[layer_idx])
+    return ExpertLora(
+        stack.lora_a[layer_idx], stack.lora_b[layer_idx], stack.scale[layer_idx], stack.group_ranks
+    )
 
 
 def _mixlora_experts(

@@ -54,6 +54,6 @@ def add_site_delta(
     stack = lora.stacks.sites[site]
     lora_a = stack.lora_a[layer_idx].flatten(0, 1)  # [S*E, R, in]
     lora_b = stack.lora_b[layer_idx].flatten(0, 1)  # [S*E, out, R]
-    shrunk = lora_shrink(x, lora_a, segments)
+    shrunk = lora_shrink(x, lora_a, segments, group_ranks=stack.group_ranks)
     coef = segments.weights * stack.scale[layer_idx][segments.group_ids]
-    lora_expand(shrunk, lora_b, segments, coef, out)
+    lora_expand(shrunk, lora_b, segments, coef, out, group_ranks=stack.group_ranks)

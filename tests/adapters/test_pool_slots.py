@@ -40,6 +40,7 @@ def _slot_state(pool: AdapterPool, slot: int) -> dict[str, Any]:
         state[f"{proj}.a"] = stack.lora_a[:, slot].clone()
         state[f"{proj}.b"] = stack.lora_b[:, slot].clone()
         state[f"{proj}.scale"] = stack.scale[:, slot * e : (slot + 1) * e].clone()
+        state[f"{proj}.ranks"] = stack.group_ranks[slot * e : (slot + 1) * e].clone()
         if stack.router is not None:
             state[f"{proj}.router"] = stack.router[:, slot].clone()
         state[f"{proj}.kind"] = int(pool.site_kinds[proj][slot])
@@ -161,3 +162,5 @@ def test_smaller_adapter_is_zero_padded(tmp_path, arch):
     assert torch.equal(stack.router[:, 0, :2], site.router)
     assert not stack.router[:, 0, 2:].any()
     assert torch.equal(stack.scale[:, :2], site.scale) and not stack.scale[:, 2:].any()
+    # The true rank per (slot, expert) group, for kernels that skip the zero padding.
+    assert stack.group_ranks.tolist()[:2] == [8, 8] and not stack.group_ranks[2:].any()
