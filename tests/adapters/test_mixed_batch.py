@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.adapter_files import ATTN, MLP, BaseDims, write_adapter
+from support.adapter_files import MIXED_ADAPTERS as ADAPTERS
+from support.adapter_files import BaseDims, write_adapter
 from support.harness import SeqSpec, make_runner, relative_error, run_sequences
 from support.tiny_models import tiny_config
 
 from mixserve.adapters import AdapterPool, PoolShape, load_adapter
 from mixserve.model import load_model
-
-# name -> (strategy, rank, experts, targets); ranks and expert counts all differ.
-ADAPTERS = {
-    "lora": (None, 4, 1, ("q_proj", "v_proj", "down_proj")),
-    "mix": ("mixlora", 8, 4, ATTN + MLP),
-    "dyn": ("mixlora-dynamic", 16, 8, MLP),
-    "switch": ("mixlora-switch", 8, 2, ("o_proj",) + MLP),
-    "lmoe": ("loramoe", 8, 3, ("k_proj",) + MLP),
-    "mola": ("mola", 4, 6, ATTN + ("up_proj",)),
-    "dynmole": ("dynmole", 12, 5, ("q_proj", "gate_proj", "down_proj")),
-}
 
 
 @pytest.fixture(scope="module")

@@ -9,32 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from support.lora_cases import DTYPES, RANKS, TOL, Scenario
 
 from mixserve.kernels import Segments, lora_expand, lora_shrink
-
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(torch.float16, id="fp16"),
-]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-RANKS = [4, 8, 16, 32, 64]
-
-
-@dataclass(frozen=True)
-class Scenario:
-    num_tokens: int
-    num_slots: int
-    num_experts: int
-    hidden: int  # K
-    out_features: int  # N_out
-    max_fanout: int  # experts per token, 1..max_fanout
-    used_groups: tuple[int, ...] | None = None  # restrict assignments to these groups
-
-    @property
-    def num_groups(self) -> int:
-        return self.num_slots * self.num_experts
-
 
 SCENARIOS = {
     "plain_one_token": Scenario(1, 1, 1, 32, 16, 1),

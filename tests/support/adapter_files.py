@@ -16,6 +16,17 @@ from safetensors.torch import save_file
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "down_proj", "up_proj")  # MoE-PEFT's target order
 ALL_TARGETS = ATTN + MLP
+# Seven adapters of six families for mixed-batch tests: name -> (strategy, rank, experts,
+# targets); every routing rule, ranks and expert counts all different.
+MIXED_ADAPTERS = {
+    "lora": (None, 4, 1, ("q_proj", "v_proj", "down_proj")),
+    "mix": ("mixlora", 8, 4, ATTN + MLP),
+    "dyn": ("mixlora-dynamic", 16, 8, MLP),
+    "switch": ("mixlora-switch", 8, 2, ("o_proj",) + MLP),
+    "lmoe": ("loramoe", 8, 3, ("k_proj",) + MLP),
+    "mola": ("mola", 4, 6, ATTN + ("up_proj",)),
+    "dynmole": ("dynmole", 12, 5, ("q_proj", "gate_proj", "down_proj")),
+}
 
 STRATEGY_PEFT_TYPE = {
     "mixlora": "MIXLORA",

@@ -8,8 +8,8 @@ import functools
 import math
 from dataclasses import dataclass
 
-import pytest
 import torch
+from support.lora_cases import RANKS, TOL, Scenario
 
 from mixserve.kernels import Segments
 from mixserve.kernels.assignments import reference as segments_reference
@@ -17,31 +17,6 @@ from mixserve.kernels.assignments import triton as segments_device
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(torch.float16, id="fp16"),
-]
-# Relative to the largest expected magnitude; the oracle is the float32 reference.
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-RANKS = [4, 8, 16, 32, 64]
-
-
-@dataclass(frozen=True)
-class Scenario:
-    num_tokens: int
-    num_slots: int
-    num_experts: int
-    hidden: int  # K
-    out_features: int  # N_out
-    max_fanout: int  # experts per token, 1..max_fanout
-    used_groups: tuple[int, ...] | None = None  # restrict assignments to these groups
-
-    @property
-    def num_groups(self) -> int:
-        return self.num_slots * self.num_experts
-
 
 # Interpreter-sized (CPU) and full-size (GPU) grids over the axes: 1..2048 tokens,
 # 1..16 experts, 1..32 adapters, ranks 4..64 mixed, empty segments and one huge segment.

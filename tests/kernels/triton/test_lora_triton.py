@@ -12,16 +12,15 @@ import pytest
 import torch
 from lora_triton_cases import (
     DEVICE,
-    DTYPES,
     ON_GPU,
     SCENARIOS,
     Batch,
-    Scenario,
     assert_matches,
     cpu32,
     cpu_segments,
     make_batch,
 )
+from support.lora_cases import DTYPES, Scenario
 
 from mixserve.kernels import (
     Segments,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.adapter_files import ATTN, MLP, BaseDims, write_adapter
+from support.adapter_files import MIXED_ADAPTERS as ADAPTERS
+from support.adapter_files import BaseDims, write_adapter
 from support.harness import SeqSpec, make_runner, relative_error, run_sequences
 from support.tiny_models import save_tiny_tokenizer, tiny_config
 
@@ -20,16 +21,6 @@ from mixserve import SamplingParams
 from mixserve.adapters import AdapterPool, PoolShape, load_adapter
 from mixserve.model import load_model
 
-# name -> (strategy, rank, experts, targets): every routing rule, mixed ranks and expert counts.
-ADAPTERS = {
-    "lora": (None, 4, 1, ("q_proj", "v_proj", "down_proj")),
-    "mix": ("mixlora", 8, 4, ATTN + MLP),
-    "dyn": ("mixlora-dynamic", 16, 8, MLP),
-    "switch": ("mixlora-switch", 8, 2, ("o_proj",) + MLP),
-    "lmoe": ("loramoe", 8, 3, ("k_proj",) + MLP),
-    "mola": ("mola", 4, 6, ATTN + ("up_proj",)),
-    "dynmole": ("dynmole", 12, 5, ("q_proj", "gate_proj", "down_proj")),
-}
 FAMILY = "qwen3"  # GQA, head_dim != hidden/heads, q/k norms, sliding window on one layer
 
 

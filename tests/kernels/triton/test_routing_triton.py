@@ -9,10 +9,12 @@ out of the comparison: there float32 rounding may legitimately flip them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import pytest
 import torch
+from support.kernel_routing import MIN_MARGIN, make_params
+from support.kernel_routing import SlotConfig as Slot
 
 from mixserve.kernels import RoutingParams, RoutingRule, route
 from mixserve.kernels.routing import reference
@@ -20,7 +22,6 @@ from mixserve.kernels.routing import triton as routing_triton
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-MIN_MARGIN = 1e-5
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
     pytest.param(torch.bfloat16, id="bf16"),
@@ -30,20 +31,6 @@ DTYPES = [
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
 # (rows, hidden): interpreter-sized on the CPU, serving-sized on a GPU.
 ROWS, HIDDEN = (4096, 2048) if ON_GPU else (160, 40)
-
-
-@dataclass(frozen=True)
-class Slot:
-    rule: RoutingRule
-    num_experts: int
-    top_k: int = 0
-    top_p: float = 0.0
-    temperature: float = 0.0
-    entropy_threshold: float = 0.0
-    entropy_index: float = 0.0
-    entropy_renyi: bool = False
-    entropy_eps: float = 0.0
-    keep_top_k: int = 0
 
 
 def dyn(n: int, top_p: float, thr: float, q: float, renyi: bool = False, keep: int = 2) -> Slot:
@@ -57,18 +44,6 @@ def dyn(n: int, top_p: float, thr: float, q: float, renyi: bool = False, keep: i
         entropy_eps=1e-5,
         keep_top_k=keep,
     )
-
-
-def make_params(slots: list[Slot]) -> RoutingParams:
-    types = {"entropy_renyi": torch.bool, "rule": torch.int64}
-    columns = {}
-    for f in fields(Slot):
-        values = [
-            int(getattr(s, f.name)) if f.name == "rule" else getattr(s, f.name) for s in slots
-        ]
-        dtype = types.get(f.name, torch.float32 if isinstance(values[0], float) else torch.int64)
-        columns[f.name] = torch.tensor(values, dtype=dtype)
-    return RoutingParams(**columns)
 
 
 def to_device(params: RoutingParams) -> RoutingParams:
