@@ -23,25 +23,17 @@ shapes, 1 repeat) also on CPU, with the Triton kernels in the interpreter when a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
+from bench_run import add_common_arguments, start_run
 from device_timing import (
-    DTYPES,
-    RESULTS,
     TOLERANCE,
     Peaks,
     Timer,
-    check_device,
     cuda_graph,
-    measure_peaks,
-    package_version,
     rel_err,
     us,
 )
@@ -218,53 +210,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat; runs on CPU")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--repeats", type=int, help="timed calls per figure (20; smoke 1)")
-    parser.add_argument("--out", help="JSON path (bench/results/kernels_moe_lora_layer.json)")
+    add_common_arguments(parser, "kernels_moe_lora_layer")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    device = torch.device(args.device)
-    check_device(device, args.smoke)
+    run = start_run(args, "kernels_moe_lora_layer")
     cfg = SMOKE if args.smoke else FULL
-    dtype = DTYPES[args.dtype]
-    repeats = args.repeats or (1 if args.smoke else 20)
-    name = "kernels_moe_lora_layer" + ("_smoke" if args.smoke else "")
-    out_path = args.out or os.path.join(RESULTS, f"{name}.json")
-    timer = Timer(device, repeats, warmup=0 if args.smoke else 3)
     with torch.inference_mode():
-        if args.smoke:
-            peaks = measure_peaks(timer, dtype, copy_bytes=16 << 20, matmul_n=256)
-        else:
-            peaks = measure_peaks(timer, dtype, copy_bytes=1 << 30, matmul_n=8192)
-        layer = build_layer(cfg, dtype, device)
+        peaks = run.measure_peaks()
+        layer = build_layer(cfg, run.dtype, run.device)
         impl = "triton" if use_triton(layer.down) else "reference"
-        logger.info("layer %s, %s on %s, %s kernels", cfg, args.dtype, device, impl)
+        logger.info("layer %s, %s on %s, %s kernels", cfg, run.dtype_name, run.device, impl)
         shapes = [("decode", t) for t in cfg.decode_tokens] + [("prefill", cfg.prefill_tokens)]
-        rows = [measure(cfg, layer, phase, t, timer, peaks) for phase, t in shapes]
+        rows = [measure(cfg, layer, phase, t, run.timer, peaks) for phase, t in shapes]
     sys.stdout.write(table(rows) + "\n")
-    on_gpu = device.type == "cuda"
-    record = {
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu {platform.machine()}",
-        "torch": torch.__version__,
-        "triton": package_version("triton"),
-        "kernels": impl,
-        "env": {k: os.environ.get(k) for k in ("MIXSERVE_KERNELS", "TRITON_INTERPRET")},
-        "command": "python bench/kernels/moe_lora_layer.py " + " ".join(sys.argv[1:]),
+    details = {
         "config": asdict(cfg),
-        "dtype": args.dtype,
-        "repeats": repeats,
-        "peaks": asdict(peaks),
-        "cross_check": {"passed": True, "tolerance": TOLERANCE[dtype], "against": "moe_peft"},
-        "targets": targets(rows, on_gpu),
+        "targets": targets(rows, run.device.type == "cuda"),
         "rows": [asdict(r) for r in rows],
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(record, f, indent=2)
-    sys.stdout.write(f"wrote {out_path}\n")
+    run.write(impl, peaks, "moe_peft", details)
 
 
 if __name__ == "__main__":

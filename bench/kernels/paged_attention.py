@@ -15,25 +15,18 @@ output. Before timing, the op and the contiguous SDPA are checked against the re
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from bench_run import add_common_arguments, start_run
 from device_timing import (
-    DTYPES,
-    RESULTS,
     TOLERANCE,
     Peaks,
     Timer,
-    check_device,
     cuda_graph,
-    measure_peaks,
-    package_version,
     rel_err,
     us,
 )
@@ -215,54 +208,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat; runs on CPU")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    add_common_arguments(parser, "kernels_paged_attention")
     parser.add_argument("--context", type=int, help="decode context length (2048; smoke 10)")
     parser.add_argument("--kv-heads", type=int, help="KV heads (32, llama-2-7b; 8 for GQA)")
-    parser.add_argument("--repeats", type=int, help="timed calls per figure (20; smoke 1)")
-    parser.add_argument("--out", help="JSON path (bench/results/kernels_paged_attention.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    device = torch.device(args.device)
-    check_device(device, args.smoke)
+    run = start_run(args, "kernels_paged_attention")
     cfg = SMOKE if args.smoke else FULL
     if args.kv_heads:
         cfg = replace(cfg, kv_heads=args.kv_heads)
     context = args.context or (10 if args.smoke else 2048)
-    dtype = DTYPES[args.dtype]
-    repeats = args.repeats or (1 if args.smoke else 20)
-    name = "kernels_paged_attention" + ("_smoke" if args.smoke else "")
-    out_path = args.out or os.path.join(RESULTS, f"{name}.json")
-    timer = Timer(device, repeats, warmup=0 if args.smoke else 3)
     with torch.inference_mode():
-        copy_bytes, matmul_n = (16 << 20, 256) if args.smoke else (1 << 30, 8192)
-        peaks = measure_peaks(timer, dtype, copy_bytes=copy_bytes, matmul_n=matmul_n)
-        impl = "triton" if use_triton(torch.empty(0, device=device)) else "reference"
+        peaks = run.measure_peaks()
+        impl = "triton" if use_triton(torch.empty(0, device=run.device)) else "reference"
         cases = [("decode", b, context) for b in cfg.decode_batches]
         cases.append(("prefill", 1, cfg.prefill_tokens))
-        rows = [measure(cfg, p, b, n, timer, peaks, dtype) for p, b, n in cases]
+        rows = [measure(cfg, p, b, n, run.timer, peaks, run.dtype) for p, b, n in cases]
     sys.stdout.write(table(rows) + "\n")
-    on_gpu = device.type == "cuda"
-    record = {
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
-        "torch": torch.__version__,
-        "triton": package_version("triton"),
-        "kernels": impl,
-        "env": {k: os.environ.get(k) for k in ("MIXSERVE_KERNELS", "TRITON_INTERPRET")},
-        "command": "python bench/kernels/paged_attention.py " + " ".join(sys.argv[1:]),
+    details = {
         "config": {**asdict(cfg), "decode_context": context},
-        "dtype": args.dtype,
-        "repeats": repeats,
-        "peaks": asdict(peaks),
-        "cross_check": {"passed": True, "tolerance": TOLERANCE[dtype], "against": "reference"},
         "rows": [asdict(r) for r in rows],
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(record, f, indent=2)
-    sys.stdout.write(f"wrote {out_path}\n")
+    run.write(impl, peaks, "reference", details)
 
 
 if __name__ == "__main__":
