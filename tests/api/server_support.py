@@ -83,6 +83,18 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def tiny_server(
+    files: dict[str, str], *extra: str, kv_cache: str = "32MiB", adapters: bool = True
+) -> ServerProcess:
+    """A server on the tiny test model (files: the api_files fixture), without demo adapters,
+    with the test's adapter root unless adapters=False; `extra`: the test's own flags."""
+    roots = ["--adapter-dir", files["adapters"]] if adapters else []
+    return ServerProcess(
+        ["--model", files["model"], *roots, "--no-demo-adapters", "--kv-cache-memory", kv_cache]
+        + list(extra)
+    )
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """Value of one Prometheus sample in /metrics text (0 when absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))

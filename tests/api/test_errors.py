@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from server_support import ServerProcess, metric
+from server_support import metric, tiny_server
 
 KEY = "sk-test-123"
 
@@ -26,28 +26,21 @@ def server(api_files):
     with open(os.path.join(broken, "adapter_model.safetensors"), "wb") as f:
         f.write(b"truncated")
     del root
-    proc = ServerProcess(
-        [
-            "--model",
-            api_files["model"],
-            "--adapter-dir",
-            api_files["adapters"],
-            "--no-demo-adapters",
-            "--kv-cache-memory",
-            "64MiB",
-            "--api-key",
-            KEY,
-            "--max-body-size",
-            "20KiB",
-            "--max-tokens-limit",
-            "500",
-            "--max-prompt-tokens",
-            "200",
-            "--max-queue",
-            "2",
-            "--served-model-name",
-            "tiny",
-        ]
+    proc = tiny_server(
+        api_files,
+        "--api-key",
+        KEY,
+        "--max-body-size",
+        "20KiB",
+        "--max-tokens-limit",
+        "500",
+        "--max-prompt-tokens",
+        "200",
+        "--max-queue",
+        "2",
+        "--served-model-name",
+        "tiny",
+        kv_cache="64MiB",
     )
     yield proc
     proc.stop()

@@ -7,7 +7,7 @@ import threading
 
 import httpx
 import pytest
-from server_support import ServerProcess
+from server_support import tiny_server
 
 from mixserve.api.adapter_roots import AdapterRoots
 from mixserve.api.app import create_app
@@ -50,17 +50,7 @@ def test_unhealthy_or_draining_engine_gets_503(healthy, draining):
 
 
 def test_sigterm_drains_running_requests_then_exits(api_files):
-    proc = ServerProcess(
-        [
-            "--model",
-            api_files["model"],
-            "--no-demo-adapters",
-            "--kv-cache-memory",
-            "64MiB",
-            "--drain-timeout",
-            "60",
-        ]
-    )
+    proc = tiny_server(api_files, "--drain-timeout", "60", kv_cache="64MiB", adapters=False)
     body = {
         "model": "model",
         "prompt": "go",

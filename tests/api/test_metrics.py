@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from server_support import ServerProcess, metric
+from server_support import metric, tiny_server
 
 from mixserve.metrics import Metrics
 
 
 @pytest.fixture(scope="module")
 def server(api_files):
-    proc = ServerProcess(
-        [
-            "--model",
-            api_files["model"],
-            "--adapter-dir",
-            api_files["adapters"],
-            "--no-demo-adapters",
-            "--kv-cache-memory",
-            "32MiB",
-            "--expert-metrics",
-            "--served-model-name",
-            "tiny",
-        ]
-    )
+    proc = tiny_server(api_files, "--expert-metrics", "--served-model-name", "tiny")
     yield proc
     assert proc.stop() == 0, proc.log()
 
@@ -64,17 +51,7 @@ def test_expert_labels_are_bounded():
 
 
 def test_expert_series_absent_unless_enabled(api_files):
-    proc = ServerProcess(
-        [
-            "--model",
-            api_files["model"],
-            "--adapter-dir",
-            api_files["adapters"],
-            "--no-demo-adapters",
-            "--kv-cache-memory",
-            "32MiB",
-        ]
-    )
+    proc = tiny_server(api_files)
     try:
         body = {"model": "ad0", "prompt": "x", "max_tokens": 2}
         assert httpx.post(proc.base_url + "/v1/completions", json=body).status_code == 200

@@ -7,28 +7,21 @@ import concurrent.futures
 import httpx
 import openai
 import pytest
-from server_support import ServerProcess, metric
+from server_support import metric, tiny_server
 
 GREEDY = {"temperature": 0, "max_tokens": 8}
 
 
 @pytest.fixture(scope="module")
 def server(api_files):
-    proc = ServerProcess(
-        [
-            "--model",
-            api_files["model"],
-            "--adapter-dir",
-            api_files["adapters"],
-            "--enable-adapter-loading",
-            "--no-demo-adapters",
-            "--kv-cache-memory",
-            "64MiB",
-            "--adapter-slots",
-            "4",
-            "--served-model-name",
-            "tiny",
-        ]
+    proc = tiny_server(
+        api_files,
+        "--enable-adapter-loading",
+        "--adapter-slots",
+        "4",
+        "--served-model-name",
+        "tiny",
+        kv_cache="64MiB",
     )
     yield proc
     assert proc.stop() == 0, proc.log()

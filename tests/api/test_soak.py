@@ -8,29 +8,15 @@ import time
 
 import httpx
 import pytest
-from server_support import ServerProcess, metric
+from server_support import metric, tiny_server
 
 NUM_REQUESTS, NUM_CLIENTS = 200, 32
 
 
 @pytest.fixture(scope="module")
 def server(api_files):
-    proc = ServerProcess(
-        [
-            "--model",
-            api_files["model"],
-            "--adapter-dir",
-            api_files["adapters"],
-            "--no-demo-adapters",
-            "--kv-cache-memory",
-            "32MiB",
-            "--adapter-slots",
-            "4",
-            "--max-queue",
-            "256",
-            "--served-model-name",
-            "tiny",
-        ]
+    proc = tiny_server(
+        api_files, "--adapter-slots", "4", "--max-queue", "256", "--served-model-name", "tiny"
     )
     yield proc
     assert proc.stop() == 0, proc.log()
