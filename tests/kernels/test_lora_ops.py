@@ -4,12 +4,11 @@ expert and slot counts, segment shapes and output layouts."""
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import pytest
 import torch
-from support.lora_cases import DTYPES, RANKS, TOL, Scenario
+from support.lora_cases import DTYPES, TOL, Scenario, lora_stacks
 
 from mixserve.kernels import Segments, lora_expand, lora_shrink
 
@@ -47,16 +46,7 @@ class Batch:
 def make_batch(sc: Scenario, dtype: torch.dtype, seed: int) -> Batch:
     """Shared between tests, which only read it."""
     gen = torch.Generator().manual_seed(seed)
-    max_rank = max(RANKS) if sc.num_groups > 1 else 8
-    # One rank per adapter slot, shared by its experts; slots cycle through the rank list.
-    slot_ranks = [RANKS[s % len(RANKS)] if sc.num_groups > 1 else 8 for s in range(sc.num_slots)]
-    ranks = [slot_ranks[g // sc.num_experts] for g in range(sc.num_groups)]
-    in_rank = torch.arange(max_rank)[None, :] < torch.tensor(ranks)[:, None]  # [G, R]
-    lora_a = torch.randn(sc.num_groups, max_rank, sc.hidden, generator=gen) / math.sqrt(sc.hidden)
-    lora_a = lora_a * in_rank[:, :, None]
-    lora_b = torch.randn(sc.num_groups, sc.out_features, max_rank, generator=gen)
-    lora_b = lora_b / torch.tensor(ranks, dtype=torch.float32).sqrt()[:, None, None]
-    lora_b = lora_b * in_rank[:, None, :]
+    lora_a, lora_b, ranks = lora_stacks(sc, gen)
 
     assignments = []  # (row, group, weight)
     for row in range(sc.num_tokens):

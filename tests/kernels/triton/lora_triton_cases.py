@@ -5,11 +5,10 @@ float32 evaluations of the reference ops on the CPU as the oracle."""
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
-from support.lora_cases import RANKS, TOL, Scenario
+from support.lora_cases import TOL, Scenario, lora_stacks
 
 from mixserve.kernels import Segments
 from mixserve.kernels.assignments import reference as segments_reference
@@ -79,27 +78,11 @@ def routing(sc: Scenario, gen: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return weights, slots
 
 
-def padded_stack(
-    num_groups: int, ranks: list[int], rows: int, cols: int, rank_dim: int, gen: torch.Generator
-) -> torch.Tensor:
-    """[G, rows, cols] random, zero beyond each group's rank along rank_dim (1 or 2)."""
-    t = torch.randn(num_groups, rows, cols, generator=gen)
-    size = t.shape[rank_dim]
-    in_rank = torch.arange(size)[None, :] < torch.tensor(ranks)[:, None]  # [G, R]
-    return t * (in_rank[:, :, None] if rank_dim == 1 else in_rank[:, None, :])
-
-
 @functools.cache
 def make_batch(sc: Scenario, dtype: torch.dtype, seed: int) -> Batch:
     """Shared between tests, which only read it."""
     gen = torch.Generator().manual_seed(seed)
-    max_rank = max(RANKS) if sc.num_groups > 1 else 8
-    # One rank per adapter slot, shared by its experts; slots cycle through the rank list.
-    slot_ranks = [RANKS[s % len(RANKS)] if sc.num_groups > 1 else 8 for s in range(sc.num_slots)]
-    ranks = [slot_ranks[g // sc.num_experts] for g in range(sc.num_groups)]
-    lora_a = padded_stack(sc.num_groups, ranks, max_rank, sc.hidden, 1, gen) / math.sqrt(sc.hidden)
-    lora_b = padded_stack(sc.num_groups, ranks, sc.out_features, max_rank, 2, gen)
-    lora_b = lora_b / torch.tensor(ranks, dtype=torch.float32).sqrt()[:, None, None]
+    lora_a, lora_b, ranks = lora_stacks(sc, gen)
     weights, slots = routing(sc, gen)
     rows = torch.sort(torch.randperm(2 * sc.num_tokens + 1, generator=gen)[: sc.num_tokens]).values
     x = torch.randn(int(rows.max()) + 1 if sc.num_tokens else 0, sc.hidden, generator=gen)
