@@ -8,7 +8,13 @@ never the rest of mixserve.
 from __future__ import annotations
 
 from mixserve.kernels.assignments import Segments, build_segments, concat_segments
-from mixserve.kernels.lora import lora_expand, lora_expand_pair, lora_shrink, lora_shrink_pair
+from mixserve.kernels.lora import (
+    lora_apply,
+    lora_expand,
+    lora_expand_pair,
+    lora_shrink,
+    lora_shrink_pair,
+)
 from mixserve.kernels.moe_lora_ffn import ExpertLora, moe_lora_ffn
 from mixserve.kernels.paged_attention import paged_attention, write_kv
 from mixserve.kernels.routing import RoutingParams, RoutingRule, route
@@ -20,6 +26,7 @@ __all__ = [
     "Segments",
     "build_segments",
     "concat_segments",
+    "lora_apply",
     "lora_expand",
     "lora_expand_pair",
     "lora_shrink",

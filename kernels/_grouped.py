@@ -1,9 +1,9 @@
 """Segmented (grouped) matrix multiply shared by the torch reference implementations.
 
 Three ways to the same function, picked per call:
-- groups of few, similar row counts (decode steps: a few rows per adapter): the rows padded into
-  [groups, max rows, K] and one batched GEMM. On CPU this is 3-6x faster than grouped_mm, which
-  runs one small GEMM per group;
+- groups of few (at most 8), similar row counts (decode steps: a few rows per adapter): the rows
+  padded into [groups, max rows, K] and one batched GEMM. On CPU this is 3-6x faster than
+  grouped_mm, which runs one small GEMM per group;
 - `torch.nn.functional.grouped_mm`: one GEMM per group over jagged row ranges in a single call (on
   CPU too, for fp32/bf16/fp16) as long as every stride is a multiple of 16 bytes;
 - where a layout does not qualify, or the group range is mostly empty (each group, empty or not,
@@ -16,6 +16,26 @@ import torch
 import torch.nn.functional as F
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+# Past this many rows in a group, padding writes (and gathers back) more than grouped_mm's
+# per-group GEMM call costs.
+_MAX_PADDED_ROWS = 8
+# Rough CPU costs that pick between one GEMM over a whole group range (every row against every
+# group, the unwanted products discarded) and segmented work on the products that count: a FLOP
+# of a large GEMM; a segmented call's fixed cost (sort, index builds, padding, scatter); a FLOP
+# of its small per-group GEMMs.
+_DENSE_FLOP_COST = 1 / 150e9
+_SEGMENTED_FIXED_COST = 100e-6
+_SEGMENTED_FLOP_COST = 1 / 15e9
+
+
+def dense_range_is_cheaper(
+    num_rows: int, num_groups: int, num_products: int, flops_per_product: int
+) -> bool:
+    """Whether num_rows rows against each of num_groups groups in one GEMM is estimated to beat
+    segmented work on the num_products (row, group) products that are wanted."""
+    dense = num_rows * num_groups * flops_per_product * _DENSE_FLOP_COST
+    segmented = _SEGMENTED_FIXED_COST + num_products * flops_per_product * _SEGMENTED_FLOP_COST
+    return dense <= segmented
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -46,7 +66,7 @@ def grouped_matmul(
     num_nonempty = int((counts > 0).sum())
     max_rows = int(counts.max())
     # Padding costs at most about as many zero rows as there are real ones.
-    if num_nonempty * max_rows <= 2 * num_rows + 16:
+    if num_nonempty * max_rows <= 2 * num_rows + 16 and max_rows <= _MAX_PADDED_ROWS:
         return _padded_bmm(a, b_range, counts, max_rows)
     mostly_empty = (group_hi - group_lo) > 4 * num_nonempty + 16
     if _HAS_GROUPED_MM and not mostly_empty and a.dtype == b.dtype:
@@ -91,7 +111,19 @@ def segment_matmul(x: torch.Tensor, b: torch.Tensor, group_ids: torch.Tensor) ->
     """out[i] = x[i] @ b[group_ids[i]] for rows in any order.
 
     x: [N, K]; b: [G, K, N_out]; group_ids: [N] int64. Returns [N, N_out] in x's dtype.
+    When rows x groups is small (a router over the step's adapters), one GEMM against the whole
+    group range and a gather of each row's own group beat sorting into segments.
     """
+    num_rows, k, n = x.shape[0], b.shape[1], b.shape[2]
+    if num_rows == 0:
+        return x.new_zeros((0, n))
+    group_lo = int(group_ids.min())
+    span = int(group_ids.max()) + 1 - group_lo
+    if dense_range_is_cheaper(num_rows, span, num_rows, 2 * k * n):
+        # [K, span * N_out]: a view when b is the transpose of [G, N_out, K] storage (routers).
+        b_range = b[group_lo : group_lo + span].permute(1, 0, 2).reshape(k, span * n)
+        products = (x @ b_range.to(x.dtype)).view(num_rows, span, n)
+        return products[torch.arange(num_rows, device=x.device), group_ids - group_lo]
     order = torch.argsort(group_ids, stable=True)
     sorted_out = grouped_matmul(x.index_select(0, order), b, group_ids[order])
     out = torch.empty_like(sorted_out)

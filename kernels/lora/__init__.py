@@ -137,4 +137,34 @@ def lora_expand_pair(
     reference.lora_expand(s2, lora_b2, segments, coef2, out2, scatter_rows=scatter_rows)
 
 
-__all__ = ["lora_expand", "lora_expand_pair", "lora_shrink", "lora_shrink_pair"]
+def lora_apply(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    segments: Segments,
+    coef: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    group_ranks: torch.Tensor | None = None,
+) -> None:
+    """A routed site's whole delta, accumulated in place.
+
+    Semantics: ``out[r(p)] += coef[p] * (x[r(p)] @ lora_a[g(p)]^T) @ lora_b[g(p)]^T``, i.e.
+    `lora_shrink` (gathering rows) then `lora_expand` (scattering rows); the CPU reference may
+    instead run the step's groups densely when that is cheaper.
+
+    Shapes: x [N, K]; lora_a [G, R, K]; lora_b [G, N_out, R] (same dtype as x); coef [P] float32;
+    out [N, N_out] (may be a strided view); group_ranks [G] int32 or None.
+    """
+    if use_triton(x):
+        from mixserve.kernels.lora import triton as device
+
+        s = device.lora_shrink(x, lora_a, segments, gather_rows=True, group_ranks=group_ranks)
+        device.lora_expand(
+            s, lora_b, segments, coef, out, scatter_rows=True, group_ranks=group_ranks
+        )
+        return
+    reference.lora_apply(x, lora_a, lora_b, segments, coef, out)
+
+
+__all__ = ["lora_apply", "lora_expand", "lora_expand_pair", "lora_shrink", "lora_shrink_pair"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mixserve.kernels._grouped import grouped_matmul
+from mixserve.kernels._grouped import dense_range_is_cheaper, grouped_matmul
 from mixserve.kernels.assignments.segments import Segments
 
 
@@ -51,3 +51,44 @@ def lora_expand(
         out.index_add_(0, segments.row_ids, delta.to(out.dtype))
     else:
         out[:count] += delta.to(out.dtype)
+
+
+def lora_apply(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    segments: Segments,
+    coef: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Shrink then expand, by whichever of two equivalent strategies is cheaper.
+
+    - segmented: lora_shrink + lora_expand over the assignments (work scales with P);
+    - dense over the step's group range [lo, hi): every row of x against every group's A and B as
+      two plain GEMMs, masked by a [rows, groups] matrix holding each assignment's coef (0
+      elsewhere). U times the FLOPs, but two large GEMMs and no per-group work: the cheaper one
+      while rows x groups is small (decode steps; a few adapters in a prefill).
+    """
+    segments = segments.trimmed()
+    count = segments.num_assignments
+    if count == 0:
+        return
+    num_rows = x.shape[0]
+    rank, in_features = lora_a.shape[1], lora_a.shape[2]
+    out_features = lora_b.shape[1]
+    group_lo = int(segments.group_ids[0])
+    span = int(segments.group_ids[-1]) + 1 - group_lo
+    if not dense_range_is_cheaper(num_rows, span, count, 2 * rank * (in_features + out_features)):
+        s = lora_shrink(x, lora_a, segments, gather_rows=True)
+        lora_expand(s, lora_b, segments, coef, out, scatter_rows=True)
+        return
+    groups = slice(group_lo, group_lo + span)
+    mask = x.new_zeros(num_rows, span)  # [T, U]
+    mask.index_put_(
+        (segments.row_ids, segments.group_ids - group_lo), coef.to(x.dtype), accumulate=True
+    )
+    a = lora_a[groups].reshape(span * rank, in_features)  # [U*R, in]
+    # lora_b is [G, out, R]; the pool's storage is [G, R, out], so this transpose is free there.
+    b = lora_b[groups].transpose(1, 2).reshape(span * rank, out_features)  # [U*R, out]
+    s = (x @ a.T).view(num_rows, span, rank).mul_(mask[:, :, None])  # [T, U, R]
+    out += (s.view(num_rows, span * rank) @ b).to(out.dtype)

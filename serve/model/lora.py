@@ -8,8 +8,7 @@ from mixserve.kernels import (
     Segments,
     build_segments,
     concat_segments,
-    lora_expand,
-    lora_shrink,
+    lora_apply,
     route,
 )
 from mixserve.model.context import LoraBatch, count_routed
@@ -54,6 +53,5 @@ def add_site_delta(
     stack = lora.stacks.sites[site]
     lora_a = stack.lora_a[layer_idx].flatten(0, 1)  # [S*E, R, in]
     lora_b = stack.lora_b[layer_idx].flatten(0, 1)  # [S*E, out, R]
-    shrunk = lora_shrink(x, lora_a, segments, group_ranks=stack.group_ranks)
     coef = segments.weights * stack.scale[layer_idx][segments.group_ids]
-    lora_expand(shrunk, lora_b, segments, coef, out, group_ranks=stack.group_ranks)
+    lora_apply(x, lora_a, lora_b, segments, coef, out, group_ranks=stack.group_ranks)

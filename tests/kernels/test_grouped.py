@@ -195,6 +195,18 @@ def test_padded_path_matches_per_row_loop(padded_calls, grouped_mm_calls, case, 
     assert_matches(grouped_matmul(wide[:, 8:24], b, ids), naive(a, b, ids), dtype)
 
 
+def test_groups_of_many_rows_take_grouped_mm_not_padding(padded_calls, grouped_mm_calls):
+    """Padding would waste little here, but groups past 8 rows cost more to pad and gather back
+    than grouped_mm's per-group calls (a prefill's experts)."""
+    gen = torch.Generator().manual_seed(11)
+    ids = skewed_ids({0: 12, 1: 12, 2: 10, 3: 11})
+    a = torch.randn(ids.shape[0], 16, generator=gen)
+    b = torch.randn(4, 16, 24, generator=gen)
+    assert_matches(grouped_matmul(a, b, ids), naive(a, b, ids), torch.float32)
+    assert not padded_calls
+    assert bool(grouped_mm_calls) == _grouped._HAS_GROUPED_MM
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["column_major", "column_slice"])
 def test_strided_a(dtype, layout):
@@ -227,11 +239,14 @@ def test_empty_input(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("k", "n"), [(16, 24), (6, 10)])
-def test_segment_matmul_with_unsorted_group_ids(dtype, k, n):
+@pytest.mark.parametrize("dense", [True, False], ids=["dense_range", "segmented"])
+def test_segment_matmul_with_unsorted_group_ids(dtype, k, n, dense, monkeypatch):
+    """Both ways segment_matmul may take: one GEMM over the group range, or sorted segments."""
+    monkeypatch.setattr(_grouped, "dense_range_is_cheaper", lambda *args: dense)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(150, k, generator=gen).to(dtype)
     b = torch.randn(10, n, k, generator=gen).to(dtype).transpose(1, 2)
-    ids = torch.randint(0, 10, (150,), generator=gen)
+    ids = torch.randint(2, 10, (150,), generator=gen)  # a range that does not start at 0
     assert not torch.all(ids[1:] >= ids[:-1])
     assert_matches(segment_matmul(x, b, ids), naive(x, b, ids), dtype)
 

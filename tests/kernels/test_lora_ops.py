@@ -10,7 +10,8 @@ import pytest
 import torch
 from support.lora_cases import DTYPES, TOL, Scenario, lora_stacks
 
-from mixserve.kernels import Segments, lora_expand, lora_shrink
+from mixserve.kernels import Segments, _grouped, lora_apply, lora_expand, lora_shrink
+from mixserve.kernels.lora import reference
 
 SCENARIOS = {
     "plain_one_token": Scenario(1, 1, 1, 32, 16, 1),
@@ -213,14 +214,30 @@ def test_rows_without_assignments_are_left_alone(dtype):
     assert not torch.equal(out[~idle], before[~idle])
 
 
+# lora_apply's two strategies, forced; "shrink_expand" is the two ops called one after the other.
+WHOLE_DELTA_PATHS = ["shrink_expand", "apply_dense", "apply_segmented"]
+
+
+def apply_whole_delta(
+    path: str, batch: Batch, out: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seg = batch.segments
+    if path == "shrink_expand":
+        lora_expand(lora_shrink(batch.x, batch.lora_a, seg), batch.lora_b, seg, batch.coef, out)
+        return
+    dense = path == "apply_dense"
+    monkeypatch.setattr(reference, "dense_range_is_cheaper", lambda *args: dense)
+    assert lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, batch.coef, out) is None
+
+
 @pytest.mark.parametrize(("scenario", "dtype"), CASES)
-def test_shrink_then_expand_is_the_routed_lora_delta(scenario, dtype):
+@pytest.mark.parametrize("path", WHOLE_DELTA_PATHS)
+def test_whole_delta_is_the_routed_lora_delta(scenario, dtype, path, monkeypatch):
     """y[r] += coef * B_g (A_g x[r]) summed over each row's assignments, end to end."""
     batch = make_batch(scenario, dtype, seed=15)
     seg = batch.segments
     out = torch.zeros(scenario.num_tokens, scenario.out_features, dtype=dtype)
-    s = lora_shrink(batch.x, batch.lora_a, seg)
-    lora_expand(s, batch.lora_b, seg, batch.coef, out)
+    apply_whole_delta(path, batch, out, monkeypatch)
 
     want = torch.zeros(scenario.num_tokens, scenario.out_features, dtype=torch.float64)
     for p in range(seg.num_assignments):
@@ -231,3 +248,35 @@ def test_shrink_then_expand_is_the_routed_lora_delta(scenario, dtype):
         want[row] += float(batch.coef[p]) * (b @ (a @ batch.x[row].double()))
     # Two roundings to dtype (s, then the output) on the half-precision path.
     assert_matches(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", WHOLE_DELTA_PATHS[1:])
+def test_lora_apply_into_a_column_slice_touches_only_its_columns(dtype, path, monkeypatch):
+    """q/k/v deltas land on column slices of the fused qkv output."""
+    scenario = SCENARIOS["few_slots"]
+    batch = make_batch(scenario, dtype, seed=18)
+    gen = torch.Generator().manual_seed(19)
+    out, backing = make_out("column_slice", scenario.num_tokens, scenario.out_features, dtype, gen)
+    before = backing.clone()
+    want = naive_expand(
+        naive_shrink(batch.x, batch.lora_a, batch.segments, True),
+        batch.lora_b,
+        batch.segments,
+        batch.coef,
+        out,
+        True,
+    )
+    apply_whole_delta(path, batch, out, monkeypatch)
+    assert_matches(out, want, dtype)
+    untouched = torch.ones_like(backing, dtype=torch.bool)
+    untouched[:, scenario.out_features + 3 : 2 * scenario.out_features + 3] = False
+    assert torch.equal(backing[untouched], before[untouched])
+
+
+def test_lora_apply_runs_decode_steps_dense_and_long_prefills_segmented():
+    """The cost rule behind lora_apply: a decode step of 8 adapters (32 rows, rank 16, 576 wide)
+    is cheaper as two dense GEMMs; 4096 prefill rows over 64 adapters are not."""
+    flops = 2 * 16 * (576 + 576)
+    assert _grouped.dense_range_is_cheaper(32, 8, 32, flops)
+    assert not _grouped.dense_range_is_cheaper(4096, 64, 4096, flops)
