@@ -209,8 +209,10 @@ def test_sharded_folder_gives_the_same_logits(tiny_llama_dir, tmp_path):
     seqs = [SeqSpec(list(range(3, 20))), SeqSpec([9, 8, 7])]
     single = run_sequences(make_runner(load_model(tiny_llama_dir)), seqs, chunk_sizes=[4, 1])
     sharded = run_sequences(make_runner(load_model(path)), seqs, chunk_sizes=[4, 1])
+    # Not bitwise: the same weights at other addresses can take other GEMM code paths (seen on
+    # an AMD EPYC: differences of a few ulp). A missing or misplaced tensor is far off.
     for got, want in zip(sharded, single, strict=True):
-        assert torch.equal(got, want)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_sharded_folder_reads_only_the_indexed_files(tiny_llama_dir, tmp_path):
