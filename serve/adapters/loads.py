@@ -21,6 +21,7 @@ from mixserve.adapters.host_cache import pin_weights
 from mixserve.adapters.pool import PoolShape
 from mixserve.adapters.weights import AdapterWeights
 from mixserve.model.arch import ArchConfig
+from mixserve.torch_threads import single_threaded_torch
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,9 @@ class LoadQueue:
         self, loader: Loader, arch: ArchConfig, shape: PoolShape, *, pin: bool, max_workers: int
     ) -> None:
         self._loader, self._arch, self._shape, self.pin = loader, arch, shape, pin
-        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="adapter-load")
+        self._executor = ThreadPoolExecutor(
+            max_workers, thread_name_prefix="adapter-load", initializer=single_threaded_torch
+        )
         self._pending: dict[Future[_Loaded], tuple[str, int]] = {}  # -> name, uid
         self.started = self.succeeded = self.failed = 0
         self.seconds = 0.0

@@ -16,7 +16,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch
+
 from mixserve.engine.core import EngineCore, EngineStats, StepReport
+from mixserve.torch_threads import set_torch_threads
 from mixserve.types import SamplingParams, TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,8 @@ class EngineClient:
         self._draining = False
         self._stopped = threading.Event()
         self._stats: EngineStats = core.stats()
+        # The steps run with the creating thread's torch thread count (see torch_threads).
+        self._torch_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="mixserve-engine", daemon=True)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -200,6 +205,7 @@ class EngineClient:
 
     def _run(self) -> None:
         try:
+            set_torch_threads(self._torch_threads)
             while True:
                 if self._drain_commands() and self._on_step is not None:
                     # Commands change state between steps (aborts free blocks): report it too.

@@ -160,3 +160,36 @@ def test_validation_errors_and_drain(setup):
             await client.add_request("z", [1], GREEDY, None)
 
     asyncio.run(main())
+
+
+def test_the_engine_thread_keeps_its_creators_torch_thread_count(setup, monkeypatch):
+    """torch.set_num_threads on any thread (an adapter-load worker does it) changes the count new
+    threads start with; the engine thread sets its creator's count instead."""
+    import threading
+
+    import torch
+
+    model_dir, adapters = setup
+    caller_threads = torch.get_num_threads()
+    if caller_threads < 2:
+        pytest.skip("needs torch with at least 2 intra-op threads")
+    helper = threading.Thread(target=torch.set_num_threads, args=(1,))
+    helper.start()
+    helper.join()
+    core = engine(model_dir, adapters).core
+    seen = []
+    step = core.step
+    monkeypatch.setattr(core, "step", lambda: seen.append(torch.get_num_threads()) or step())
+
+    async def main():
+        client = EngineClient(core).start()
+        try:
+            await _collect(await client.add_request("t", [1, 2, 3], GREEDY, "ad0"))
+        finally:
+            client.shutdown()
+
+    try:
+        asyncio.run(main())
+    finally:
+        torch.set_num_threads(caller_threads)
+    assert seen and set(seen) == {caller_threads}
