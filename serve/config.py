@@ -105,6 +105,8 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     adapters: AdapterPoolConfig = AdapterPoolConfig()
+    # On a CPU device: keep freed step memory in glibc's heap (process-wide; see cpu_memory).
+    tune_malloc: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,7 @@ class LLM:
         num_adapter_slots: int | None = None,
         adapter_slot_memory_bytes: int | None = None,
         host_cache_bytes: int = 4 * 2**30,
+        tune_malloc: bool = True,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, device=device),
@@ -72,6 +73,7 @@ class LLM:
                 slot_memory_bytes=adapter_slot_memory_bytes,
                 host_cache_bytes=host_cache_bytes,
             ),
+            tune_malloc=tune_malloc,
         )
         built = build_engine(config, adapters)
         self.engine = built.core

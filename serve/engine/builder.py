@@ -15,6 +15,7 @@ from mixserve.adapters.pager import AdapterPager
 from mixserve.adapters.pool import RANK_ALIGNMENT
 from mixserve.adapters.sizing import num_slots_for_budget, slot_budget_bytes
 from mixserve.config import AdapterPoolConfig, EngineConfig
+from mixserve.cpu_memory import keep_freed_memory
 from mixserve.engine.core import EngineCore
 from mixserve.model import ArchConfig, load_model
 from mixserve.model.default_model import resolve_model_dir
@@ -84,6 +85,8 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
     adapters = dict(adapters or {})
     model_dir = resolve_model_dir(config.model.model)
     dtype, device = torch_dtype(config.model.dtype), torch.device(config.model.device)
+    if device.type == "cpu" and config.tune_malloc:
+        keep_freed_memory()
     model = load_model(model_dir, dtype, device)
     arch = model.arch
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
