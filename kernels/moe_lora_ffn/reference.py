@@ -102,53 +102,56 @@ def _dense(
     layout: _SlotLayout,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     order, slot_lo, num_slots = layout.order, layout.slot_lo, layout.num_slots
-    local_slot, pos, max_rows = layout.local_slot, layout.pos, layout.max_rows
-    num_experts = weights.shape[1]
+    max_rows = layout.max_rows
+    num_rows, num_experts = weights.shape
     intermediate = gate_up.shape[1] // 2
     hidden_size = x.shape[1]
+    num_groups = num_slots * num_experts
     sl = slice(slot_lo, slot_lo + num_slots)
-    token_rows = rows.index_select(0, order)
+    # padded_row[i]: where row i sits in the [S * M] padded rows.
+    padded_row = torch.empty_like(order)
+    padded_row[order] = layout.local_slot * max_rows + layout.pos
 
-    def padded(values: torch.Tensor) -> torch.Tensor:  # [N, D] in slot order -> [S, M, D]
-        out = values.new_zeros(num_slots, max_rows, values.shape[1])
-        out[local_slot, pos] = values
-        return out
+    def padded(values: torch.Tensor) -> torch.Tensor:  # [N, D] -> [S, M, D], zero padding
+        out = values.new_zeros(num_slots * max_rows, values.shape[1])
+        out.index_copy_(0, padded_row, values)
+        return out.view(num_slots, max_rows, values.shape[1])
 
-    x_pad = padded(x.index_select(0, token_rows))  # [S, M, H]
-    gate_up_pad = padded(gate_up.index_select(0, token_rows))  # [S, M, 2I]
-    w_pad = padded(weights.index_select(0, order)).transpose(1, 2)  # [S, E, M]
+    x_pad = padded(x.index_select(0, rows))  # [S, M, H]
+    gate_up_pad = padded(gate_up.index_select(0, rows))  # [S, M, 2I]
+    w_pad = padded(weights.to(x.dtype))  # [S, M, E]
 
     def expert_projection(lora: ExpertLora, base: torch.Tensor) -> torch.Tensor:
         rank = lora.lora_a.shape[2]
+        # A @ x^T reads each slot's [E*R, H] A in its storage order (faster than x @ A^T here).
         a = lora.lora_a[sl].reshape(num_slots, num_experts * rank, hidden_size)
-        shrunk = torch.bmm(x_pad, a.transpose(1, 2)).view(num_slots, max_rows, num_experts, rank)
-        shrunk = shrunk.permute(0, 2, 1, 3) * lora.scale.view(-1, num_experts)[
-            sl, :, None, None
-        ].to(x.dtype)
-        b = lora.lora_b[sl].reshape(num_slots * num_experts, intermediate, rank)
-        delta = torch.bmm(
-            shrunk.reshape(num_slots * num_experts, max_rows, rank), b.transpose(1, 2)
-        )
+        shrunk = torch.bmm(a, x_pad.transpose(1, 2)).view(num_slots, num_experts, rank, max_rows)
+        shrunk = shrunk * lora.scale.view(-1, num_experts)[sl, :, None, None].to(x.dtype)
+        b = lora.lora_b[sl].reshape(num_groups, intermediate, rank).transpose(1, 2)  # [G, R, I]
+        delta = torch.bmm(shrunk.view(num_groups, rank, max_rows).transpose(1, 2), b)
         return delta.view(num_slots, num_experts, max_rows, intermediate).add_(base[:, None])
 
     gate_all = expert_projection(gate, gate_up_pad[..., :intermediate])  # [S, E, M, I]
     up_all = expert_projection(up, gate_up_pad[..., intermediate:])
-    hidden_all = act(gate_all).mul_(up_all).mul_(w_pad[..., None].to(x.dtype))  # w h_e
+    hidden_all = act(gate_all).mul_(up_all).mul_(w_pad.transpose(1, 2)[..., None])  # w h_e
     hidden_pad = hidden_all.sum(1)  # [S, M, I]
     rank = down.lora_a.shape[2]
-    a = down.lora_a[sl].reshape(num_slots * num_experts, rank, intermediate)
-    shrunk = torch.bmm(
-        hidden_all.view(num_slots * num_experts, max_rows, intermediate), a.transpose(1, 2)
+    a = down.lora_a[sl].reshape(num_groups, rank, intermediate)
+    shrunk = torch.bmm(hidden_all.view(num_groups, max_rows, intermediate), a.transpose(1, 2))
+    # [S, M, E, R]: each slot's experts side by side, so one GEMM per slot over E*R both applies
+    # every expert's B and sums the experts.
+    shrunk_by_slot = torch.empty(
+        (num_slots, max_rows, num_experts, rank), dtype=x.dtype, device=x.device
     )
-    shrunk = shrunk.view(num_slots, num_experts, max_rows, rank)
-    shrunk = shrunk * down.scale.view(-1, num_experts)[sl, :, None, None].to(x.dtype)
-    b = down.lora_b[sl].reshape(num_slots * num_experts, hidden_size, rank)
-    delta = torch.bmm(shrunk.view(num_slots * num_experts, max_rows, rank), b.transpose(1, 2))
-    delta_pad = delta.view(num_slots, num_experts, max_rows, hidden_size).sum(1)  # [S, M, H]
-    hidden = torch.empty((rows.shape[0], intermediate), dtype=x.dtype, device=x.device)
-    down_delta = torch.empty((rows.shape[0], hidden_size), dtype=x.dtype, device=x.device)
-    hidden[order] = hidden_pad[local_slot, pos]
-    down_delta[order] = delta_pad[local_slot, pos]
+    torch.mul(
+        shrunk.view(num_slots, num_experts, max_rows, rank).transpose(1, 2),
+        down.scale.view(-1, num_experts)[sl, None, :, None].to(x.dtype),
+        out=shrunk_by_slot,
+    )
+    b = down.lora_b[sl].transpose(-1, -2).reshape(num_slots, num_experts * rank, hidden_size)
+    delta_pad = torch.bmm(shrunk_by_slot.view(num_slots, max_rows, num_experts * rank), b)
+    hidden = hidden_pad.view(-1, intermediate).index_select(0, padded_row)  # [N, I]
+    down_delta = delta_pad.view(-1, hidden_size).index_select(0, padded_row)  # [N, H]
     return hidden, down_delta
 
 
