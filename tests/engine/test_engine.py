@@ -91,6 +91,15 @@ def test_abort_at_every_stage_frees_blocks_and_adapter_references(setup):
     model_dir, adapters = setup
     built = engine(model_dir, adapters, budget=8)
     core = built.core
+    # ad3 and ad4 loaded before their requests arrive: with the two loads racing, "prefill" (ad3)
+    # could run alone and finish its prompt before "decode" (ad4) starts.
+    for name in ("ad3", "ad4"):
+        core.pager.acquire(name)
+    while core.pager.stats().loading:
+        assert core.pager.wait(60), "an adapter load did not finish"
+        assert all(result.ok for result in core.pager.poll())
+    for name in ("ad3", "ad4"):
+        core.pager.release(name)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     core.add_request("waiting", list(range(2, 60)), params, "ad2")
     assert [d.finish_reason for d in core.abort("waiting")] == [FinishReason.ABORT]
