@@ -1,9 +1,9 @@
 """Segmented (grouped) matrix multiply shared by the torch reference implementations.
 
 Three ways to the same function, picked per call:
-- groups of few (at most 8), similar row counts (decode steps: a few rows per adapter): the rows
-  padded into [groups, max rows, K] and one batched GEMM. On CPU this is 3-6x faster than
-  grouped_mm, which runs one small GEMM per group;
+- groups of few rows (at most 8; decode steps: a few rows per adapter), with at most ~4 padding
+  rows per real one: the rows padded into [groups, max rows, K] and one batched GEMM. On CPU this
+  is 3-6x faster than grouped_mm, which runs one small GEMM per group;
 - `torch.nn.functional.grouped_mm`: one GEMM per group over jagged row ranges in a single call (on
   CPU too, for fp32/bf16/fp16) as long as every stride is a multiple of 16 bytes;
 - where a layout does not qualify, or the group range is mostly empty (each group, empty or not,

@@ -103,7 +103,7 @@ def _dense(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     order, slot_lo, num_slots = layout.order, layout.slot_lo, layout.num_slots
     max_rows = layout.max_rows
-    num_rows, num_experts = weights.shape
+    num_experts = weights.shape[1]
     intermediate = gate_up.shape[1] // 2
     hidden_size = x.shape[1]
     num_groups = num_slots * num_experts
