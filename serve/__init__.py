@@ -5,7 +5,16 @@ from __future__ import annotations
 from importlib import metadata
 from typing import TYPE_CHECKING
 
-from mixserve.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams
+from mixserve.source_tree import unshadow_pypi_kernels
+
+unshadow_pypi_kernels()  # before anything below imports transformers
+
+from mixserve.types import (  # noqa: E402
+    CompletionOutput,
+    FinishReason,
+    RequestOutput,
+    SamplingParams,
+)
 
 if TYPE_CHECKING:
     from mixserve.llm import LLM

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# `python -m pytest` from the repository root puts the root first on sys.path, where our source
+# folder kernels/ would shadow the PyPI package `kernels` that transformers imports; test helpers
+# import transformers before mixserve (whose import takes the root off the path) does.
+from mixserve.source_tree import unshadow_pypi_kernels  # noqa: E402
+
+unshadow_pypi_kernels()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
