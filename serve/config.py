@@ -82,7 +82,10 @@ class AdapterPoolConfig:
     slot_memory_bytes: int | None = None  # slot budget in bytes (CPU default: 1 GiB)
     slot_memory_fraction: float | None = None  # or a fraction of free device memory (CUDA)
     host_cache_bytes: int = 4 * 2**30  # host tier (LRU) in front of the disk
-    max_load_workers: int = 2
+    max_load_workers: int = 2  # on CPU also at most half the CPUs
+    # Read adapter files in worker processes (adapters/load_worker.py): a .bin's
+    # weights-only unpickling holds the GIL, which the engine thread needs for every op.
+    load_in_processes: bool = True
 
     def __post_init__(self) -> None:
         if self.max_lora_rank < 1:

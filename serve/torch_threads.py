@@ -17,6 +17,10 @@ then sets its own count: the engine thread keeps its creator's count whatever a 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 
@@ -34,3 +38,33 @@ def set_torch_threads(num_threads: int) -> None:
 def _set_after_init(num_threads: int) -> None:
     torch.get_num_threads()  # torch's once-per-thread init, which would reset a count set earlier
     torch.set_num_threads(num_threads)
+
+
+class ComputeThreadBudget:
+    """Lowers the stepping thread's torch thread count while adapter loads keep CPUs busy.
+
+    Each running load occupies one CPU (its worker runs single-threaded). If the step's team
+    kept all its threads, the cores would be oversubscribed, and an OpenMP team with a
+    descheduled member waits for it at every barrier. So a step runs with at most
+    `cpus - busy` threads (at least 1), and the thread's own count is restored after it.
+    """
+
+    def __init__(self, num_cpus: int | None = None) -> None:
+        self.num_cpus = num_cpus or len(os.sched_getaffinity(0))
+
+    def threads_for(self, num_threads: int, num_busy: int) -> int:
+        return max(1, min(num_threads, self.num_cpus - num_busy))
+
+    @contextmanager
+    def sharing_with(self, num_busy: int) -> Iterator[int]:
+        """Runs the block with the thread count for num_busy busy CPUs; yields that count."""
+        own = torch.get_num_threads()
+        reduced = self.threads_for(own, num_busy)
+        if reduced == own:
+            yield own
+            return
+        torch.set_num_threads(reduced)
+        try:
+            yield reduced
+        finally:
+            torch.set_num_threads(own)

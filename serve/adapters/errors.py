@@ -21,6 +21,17 @@ class AdapterError(Exception):
         self.key = key
         self.problem = problem
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickled by keyword (adapter loads in worker processes raise these): the default
+        # reduce would call __init__ with the formatted message as its only argument.
+        return (_rebuild, (type(self), self.adapter, self.problem, self.file, self.key))
+
+
+def _rebuild(
+    cls: type[AdapterError], adapter: str, problem: str, file: str | None, key: str | None
+) -> AdapterError:
+    return cls(adapter, problem, file=file, key=key)
+
 
 class AdapterNotFoundError(AdapterError):
     """The adapter folder, its config or its weights file does not exist."""

@@ -110,6 +110,11 @@ class LoadQueue:
     def __len__(self) -> int:
         return len(self._pending)
 
+    @property
+    def num_running(self) -> int:
+        """Loads a worker is running now (queued ones excluded)."""
+        return sum(1 for future in self._pending if future.running())
+
     def submit(self, name: str, path: str, uid: int) -> LoadTicket:
         args = (self._loader, name, path, self._arch, self._shape, uid, self.pin)
         future = self._executor.submit(_load_job, *args)
@@ -154,6 +159,10 @@ class LoadQueue:
         return bool(done)
 
     def close(self) -> None:
-        """Cancel queued loads, let running ones finish, stop the workers."""
+        """Cancel queued loads, let running ones finish, stop the workers (and the loader's
+        own worker processes, if it has any)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
+        close_loader = getattr(self._loader, "close", None)  # ProcessLoader
+        if close_loader is not None:
+            close_loader()

@@ -215,6 +215,11 @@ class AdapterPager:
             results.append(outcome.result)
         return results
 
+    @property
+    def num_loads_running(self) -> int:
+        """Background loads a worker is running now (each keeps one CPU busy)."""
+        return self._loads.num_running
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until some background load finishes (for an engine with nothing else to do,
         and tests); False if none is running or the timeout passed."""

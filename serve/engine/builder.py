@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from mixserve.adapters import AdapterPool, PoolShape
+from mixserve.adapters import AdapterPool, PoolShape, load_adapter
 from mixserve.adapters.config_parser import parse_adapter_config
 from mixserve.adapters.files import find_adapter_files, read_config
+from mixserve.adapters.load_worker import ProcessLoader
+from mixserve.adapters.loads import Loader
 from mixserve.adapters.pager import AdapterPager
 from mixserve.adapters.pool import RANK_ALIGNMENT
 from mixserve.adapters.sizing import num_slots_for_budget, slot_budget_bytes
@@ -23,6 +26,7 @@ from mixserve.model.dtypes import torch_dtype
 from mixserve.runner import ModelRunner
 from mixserve.runner.kv_cache import num_blocks_for_budget
 from mixserve.scheduler import BlockManager, Scheduler
+from mixserve.torch_threads import ComputeThreadBudget
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,14 @@ def _num_slots(
     return num_slots_for_budget(shape, arch, dtype, budget, max_slots=config.max_num_slots)
 
 
+def _num_load_workers(config: AdapterPoolConfig, device: torch.device) -> int:
+    """On CPU, loads take at most half the CPUs: each worker keeps one busy, and the steps
+    running beside them give up as many threads (ComputeThreadBudget)."""
+    if device.type != "cpu":
+        return config.max_load_workers
+    return max(1, min(config.max_load_workers, len(os.sched_getaffinity(0)) // 2))
+
+
 def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None) -> BuiltEngine:
     from transformers import AutoTokenizer
 
@@ -87,7 +99,18 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
     dtype, device = torch_dtype(config.model.dtype), torch.device(config.model.device)
     if device.type == "cpu" and config.tune_malloc:
         keep_freed_memory()
-    model = load_model(model_dir, dtype, device)
+    num_load_workers = _num_load_workers(config.adapters, device)
+    loader: Loader = load_adapter
+    if config.adapters.load_in_processes:
+        process_loader = ProcessLoader(num_load_workers)
+        process_loader.start()  # the worker imports torch while the model loads
+        loader = process_loader
+    try:
+        model = load_model(model_dir, dtype, device)
+    except BaseException:
+        if isinstance(loader, ProcessLoader):
+            loader.close()
+        raise
     arch = model.arch
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos = set(arch.eos_token_ids)
@@ -101,7 +124,8 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
     pager = AdapterPager(
         pool,
         host_budget_bytes=config.adapters.host_cache_bytes,
-        max_workers=config.adapters.max_load_workers,
+        max_workers=num_load_workers,
+        loader=loader,
     )
     for name, path in adapters.items():
         pager.add_source(name, path)
@@ -138,5 +162,11 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
         shape.mlp_experts,
     )
     return BuiltEngine(
-        EngineCore(runner, scheduler, pager), model_dir, tokenizer, eos_ids, max_model_len
+        EngineCore(
+            runner, scheduler, pager, ComputeThreadBudget() if device.type == "cpu" else None
+        ),
+        model_dir,
+        tokenizer,
+        eos_ids,
+        max_model_len,
     )

@@ -13,6 +13,7 @@ from mixserve.adapters import AdapterError
 from mixserve.adapters.pager import AdapterPager, PagerStats
 from mixserve.runner import ModelRunner
 from mixserve.scheduler import Scheduler, SchedulerStats
+from mixserve.torch_threads import ComputeThreadBudget
 from mixserve.types import SamplingParams, SchedulerOutput, TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -40,11 +41,17 @@ class EngineStats:
 
 class EngineCore:
     def __init__(
-        self, runner: ModelRunner, scheduler: Scheduler, pager: AdapterPager | None
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        pager: AdapterPager | None,
+        cpu_threads: ComputeThreadBudget | None = None,
     ) -> None:
+        """cpu_threads: on a CPU device, steps share the CPUs with running adapter loads."""
         self.runner = runner
         self.scheduler = scheduler
         self.pager = pager
+        self.cpu_threads = cpu_threads
         self.num_steps = 0
         self.last_step_ran = False  # False: nothing was schedulable (e.g. adapters still loading)
         self.last_report = StepReport(False, 0, (), (), ())
@@ -106,7 +113,11 @@ class EngineCore:
         adapters = {s.adapter for s in plan.sequences if s.adapter is not None}
         try:
             slots = self.pager.prepare(adapters) if adapters and self.pager is not None else {}
-            output = self.runner.execute(plan, slots)
+            if self.cpu_threads is not None and self.pager is not None:
+                with self.cpu_threads.sharing_with(self.pager.num_loads_running):
+                    output = self.runner.execute(plan, slots)
+            else:
+                output = self.runner.execute(plan, slots)
         except Exception as exc:  # noqa: BLE001 - any failure of a step fails its requests only
             logger.exception("step failed; failing its %d sequences", len(plan.sequences))
             deltas: list[TokenDelta] = []

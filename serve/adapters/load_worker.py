@@ -1,0 +1,241 @@
+"""Adapter reads in worker processes, so they never hold the engine process's GIL.
+
+Reading a MoE-PEFT `.bin` is mostly torch's weights-only unpickler, which is pure Python: ~1000
+tensors per adapter, ~80 ms of held GIL for a 28 MB file. On a load thread of the engine process
+that GIL is shared with the engine thread, which releases and re-takes it around every torch op,
+and both slow down several times (measured on 2 cores: loads 2-4x slower than alone, prefill
+steps beside them 3-8x). A worker process reads, validates and stacks the adapter, then sends
+back its few stacked tensors as one safetensors buffer; the load thread only unpacks it.
+
+Workers are plain `python -m mixserve.adapters.load_worker` children speaking pickles over their
+stdin/stdout, not multiprocessing: its spawn and forkserver children re-import the caller's
+main module, which breaks scripts without an `if __name__ == "__main__"` guard, and fork is
+unsafe in a process with running threads. Pickles are fine here: both ends are mixserve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import IO, Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from mixserve.adapters.errors import AdapterError
+from mixserve.adapters.files import AdapterFiles
+from mixserve.adapters.spec import AdapterSpec, SiteKind
+from mixserve.adapters.weights import AdapterWeights, SiteWeights
+from mixserve.model.arch import ArchConfig
+
+
+@dataclass(frozen=True, slots=True)
+class PackedWeights:
+    """AdapterWeights as a small picklable skeleton plus one safetensors buffer of its tensors."""
+
+    spec: AdapterSpec
+    files: AdapterFiles
+    site_kinds: dict[str, SiteKind]
+    data: bytes
+
+
+def pack_weights(weights: AdapterWeights) -> PackedWeights:
+    tensors: dict[str, torch.Tensor] = {}
+    for proj, site in weights.sites.items():
+        tensors[f"{proj}.lora_a"] = site.lora_a
+        tensors[f"{proj}.lora_b"] = site.lora_b
+        tensors[f"{proj}.scale"] = site.scale
+        if site.router is not None:
+            tensors[f"{proj}.router"] = site.router
+    if weights.ffn_router is not None:
+        tensors["ffn_router"] = weights.ffn_router
+    data = save_safetensors({key: t.contiguous() for key, t in tensors.items()})
+    kinds = {proj: site.kind for proj, site in weights.sites.items()}
+    return PackedWeights(weights.spec, weights.files, kinds, data)
+
+
+def unpack_weights(packed: PackedWeights) -> AdapterWeights:
+    tensors = load_safetensors(packed.data)
+    sites = {
+        proj: SiteWeights(
+            kind=kind,
+            lora_a=tensors[f"{proj}.lora_a"],
+            lora_b=tensors[f"{proj}.lora_b"],
+            scale=tensors[f"{proj}.scale"],
+            router=tensors.get(f"{proj}.router"),
+        )
+        for proj, kind in packed.site_kinds.items()
+    }
+    return AdapterWeights(packed.spec, sites, tensors.get("ffn_router"), packed.files)
+
+
+class _Worker:
+    """One child process; used by one load thread at a time."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # its CPU is the engine's too
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mixserve.adapters.load_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+
+    def load(self, name: str, path: str, arch: ArchConfig) -> AdapterWeights:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            pickle.dump((name, path, arch), self.proc.stdin, pickle.HIGHEST_PROTOCOL)
+            self.proc.stdin.flush()
+            ok, value = pickle.load(self.proc.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            self.close()
+            raise AdapterError(
+                name, f"the adapter load worker died ({exc!r}, exit code {self.proc.poll()})"
+            ) from exc
+        if not ok:
+            raise value
+        return unpack_weights(value)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            # EOF: the worker exits after its current read. A broken pipe: it is gone already.
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class ProcessLoader:
+    """`load_adapter` (the Loader signature) run in up to max_workers child processes.
+
+    Thread-safe: a load thread takes an idle worker (starting one while fewer than max_workers
+    exist) and waits on its pipe with the GIL released. Errors come back as the same typed
+    AdapterErrors; a worker that dies fails its load and is replaced by the next one.
+    """
+
+    def __init__(self, max_workers: int) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
+        self._max_workers = max_workers
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._closed = False
+        # A loader dropped without close() (an LLM that goes out of scope) still ends its
+        # workers: they exit at the EOF on their stdin.
+        weakref.finalize(self, _hang_up, self._workers)
+
+    def start(self) -> None:
+        """Start one worker now (it imports torch while the caller goes on), so the first load
+        does not wait for that."""
+        with self._lock:
+            if not self._workers and not self._closed:
+                self._idle.put(self._spawn())
+
+    def _spawn(self) -> _Worker:
+        worker = _Worker()
+        self._workers.append(worker)
+        return worker
+
+    def _take(self) -> _Worker:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the adapter loader is closed")
+            try:
+                return self._idle.get_nowait()
+            except queue.Empty:
+                if len(self._workers) < self._max_workers:
+                    return self._spawn()
+        while True:  # every worker is busy: wait for one, unless the loader closes meanwhile
+            try:
+                return self._idle.get(timeout=0.5)
+            except queue.Empty:
+                if self._closed:
+                    raise RuntimeError("the adapter loader is closed") from None
+
+    def __call__(self, name: str, path: str, arch: ArchConfig) -> AdapterWeights:
+        worker = self._take()
+        try:
+            return worker.load(name, path, arch)
+        finally:
+            with self._lock:
+                if worker.alive and not self._closed:
+                    self._idle.put(worker)
+                else:
+                    if worker in self._workers:
+                        self._workers.remove(worker)
+                    if self._closed:
+                        worker.close()
+
+    def close(self) -> None:
+        """Stop the idle workers; a busy one stops when its load returns."""
+        with self._lock:
+            self._closed = True
+            idle = []
+            while True:
+                try:
+                    idle.append(self._idle.get_nowait())
+                except queue.Empty:
+                    break
+            for worker in idle:
+                self._workers.remove(worker)
+        for worker in idle:
+            worker.close()
+
+
+def _hang_up(workers: list[_Worker]) -> None:
+    for worker in workers:
+        if worker.proc.stdin is not None and not worker.proc.stdin.closed:
+            with contextlib.suppress(OSError):
+                worker.proc.stdin.close()
+
+
+def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
+    from mixserve.adapters.loader import load_adapter
+
+    while True:
+        try:
+            name, path, arch = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            reply: tuple[bool, Any] = (True, pack_weights(load_adapter(name, path, arch)))
+        except AdapterError as exc:
+            reply = (False, exc)
+        except Exception as exc:  # noqa: BLE001 - any failure fails this adapter only
+            reply = (False, AdapterError(name, f"unexpected {type(exc).__name__}: {exc}"))
+        pickle.dump(reply, replies, pickle.HIGHEST_PROTOCOL)
+        replies.flush()
+
+
+def main() -> None:
+    # The replies own the real stdout; anything a library prints goes to stderr instead.
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    torch.set_num_threads(1)
+    _serve(sys.stdin.buffer, replies)
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, not this __main__ copy: the classes it pickles must be
+    # mixserve.adapters.load_worker's for the engine process to unpickle them.
+    from mixserve.adapters import load_worker
+
+    load_worker.main()

@@ -1,0 +1,148 @@
+"""Adapter reads in worker processes (mixserve.adapters.load_worker): the same weights and the
+same typed errors as an in-process load_adapter, and a dead worker fails only its own load."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+from collections.abc import Iterator
+
+import pytest
+import torch
+from support.bad_adapters import edit_weights, good_adapter, save_raw
+from support.pager_helpers import MakePager, settle, write
+
+from mixserve.adapters import (
+    AdapterError,
+    AdapterFileError,
+    AdapterValueError,
+    AdapterWeights,
+    MissingTensorError,
+    load_adapter,
+)
+from mixserve.adapters.errors import BaseModelMismatchError
+from mixserve.adapters.load_worker import ProcessLoader, pack_weights, unpack_weights
+
+
+class RefusedObject:
+    """A pickled object that is no tensor (the worker's weights-only unpickler refuses it)."""
+
+
+@pytest.fixture(scope="module")
+def process_loader() -> Iterator[ProcessLoader]:
+    loader = ProcessLoader(max_workers=1)
+    loader.start()
+    yield loader
+    loader.close()
+
+
+def assert_same_weights(got: AdapterWeights, want: AdapterWeights) -> None:
+    assert got.spec == want.spec and got.files == want.files
+    assert got.sites.keys() == want.sites.keys()
+    for proj, site in want.sites.items():
+        other = got.sites[proj]
+        assert other.kind == site.kind, proj
+        for field in ("lora_a", "lora_b", "scale", "router"):
+            a, b = getattr(other, field), getattr(site, field)
+            assert (a is None) == (b is None), (proj, field)
+            if b is not None:
+                assert a.shape == b.shape and torch.equal(a, b), (proj, field)
+    assert (got.ffn_router is None) == (want.ffn_router is None)
+    if want.ffn_router is not None:
+        assert torch.equal(got.ffn_router, want.ffn_router)
+
+
+@pytest.mark.parametrize("strategy", ["mixlora", "dynmole", "mola", None])
+def test_a_worker_process_loads_the_same_weights(tmp_path, arch, process_loader, strategy):
+    path = write(tmp_path, "a", strategy, seed=3)
+    assert_same_weights(process_loader("a", path, arch), load_adapter("a", path, arch))
+
+
+def test_pack_and_unpack_keep_every_tensor(tmp_path, arch):
+    weights = load_adapter("a", write(tmp_path, "a", "mola", seed=1), arch)
+    assert_same_weights(unpack_weights(pickle.loads(pickle.dumps(pack_weights(weights)))), weights)
+
+
+def test_errors_come_back_typed_with_the_same_message(tmp_path, arch, process_loader):
+    key = "mixlora.layers.1.mlp.down_proj.experts.3.lora_B.weight"
+    nan = good_adapter(tmp_path / "nan")
+    edit_weights(nan, lambda w: w[key].view(-1).__setitem__(2, float("nan")))
+    missing = good_adapter(tmp_path / "missing")
+    edit_weights(missing, lambda w: w.pop(key))
+    pickled = good_adapter(tmp_path / "pickled")
+    save_raw(pickled, {"x": torch.zeros(1), "obj": RefusedObject()})
+    for path, kind in ((nan, AdapterValueError), (missing, MissingTensorError)):
+        with pytest.raises(kind) as in_process:
+            load_adapter("bad", path, arch)
+        with pytest.raises(kind) as in_worker:
+            process_loader("bad", path, arch)
+        assert str(in_worker.value) == str(in_process.value)
+        assert (in_worker.value.file, in_worker.value.key) == (in_process.value.file, key)
+    with pytest.raises(AdapterFileError, match="refused to unpickle"):
+        process_loader("bad", pickled, arch)
+    # The worker survives its adapters' errors.
+    assert process_loader("ok", good_adapter(tmp_path / "ok"), arch).name == "ok"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        AdapterError("a", "problem"),
+        MissingTensorError("a", "missing", file="/x/adapter_model.bin", key="k.weight"),
+        BaseModelMismatchError("a", "hidden size", file="/x/adapter_model.bin"),
+    ],
+)
+def test_adapter_errors_survive_pickling(error: AdapterError):
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)
+    assert (copy.adapter, copy.problem, copy.file, copy.key) == (
+        error.adapter,
+        error.problem,
+        error.file,
+        error.key,
+    )
+
+
+def test_a_dead_worker_fails_one_load_and_is_replaced(tmp_path, arch):
+    loader = ProcessLoader(max_workers=1)
+    try:
+        path = good_adapter(tmp_path)
+        assert loader("a", path, arch).name == "a"
+        (worker,) = loader._workers
+        worker.proc.kill()
+        worker.proc.wait()
+        with pytest.raises(AdapterError, match="load worker died"):
+            loader("a", path, arch)
+        assert_same_weights(loader("a", path, arch), load_adapter("a", path, arch))
+        assert loader._workers and loader._workers[0] is not worker
+    finally:
+        loader.close()
+
+
+def test_close_stops_the_workers_and_refuses_new_loads(tmp_path, arch):
+    loader = ProcessLoader(max_workers=2)
+    loader.start()
+    (worker,) = loader._workers
+    loader.close()
+    assert worker.proc.poll() is not None
+    with pytest.raises(RuntimeError, match="closed"):
+        loader("a", good_adapter(tmp_path), arch)
+
+
+def test_the_pager_loads_through_worker_processes(make_pager: MakePager, tmp_path):
+    pager = make_pager(loader=ProcessLoader(max_workers=2))
+    for i, name in enumerate(("a", "b", "c")):
+        pager.add_source(name, write(tmp_path, name, "mixlora", seed=i))
+        pager.acquire(name)
+    assert all(r.ok for r in settle(pager))
+    assert pager.prepare(["a", "b"]).keys() == {"a", "b"}
+
+
+def test_a_dropped_loader_ends_its_workers(tmp_path, arch):
+    loader = ProcessLoader(max_workers=1)
+    assert loader("a", good_adapter(tmp_path), arch).name == "a"
+    (worker,) = loader._workers
+    proc = worker.proc
+    del loader, worker
+    gc.collect()
+    assert proc.wait(timeout=30) == 0
