@@ -17,6 +17,7 @@ import torch
 
 # The sub-ops' references, never their dispatching wrappers: this file is the oracle the Triton
 # version is tested against, so it must not turn into Triton when MIXSERVE_KERNELS=triton.
+from mixserve.kernels._measured import fastest
 from mixserve.kernels.assignments.reference import build_segments
 from mixserve.kernels.lora.reference import lora_expand, lora_shrink
 
@@ -123,12 +124,25 @@ def _dense(
 
     def expert_projection(lora: ExpertLora, base: torch.Tensor) -> torch.Tensor:
         rank = lora.lora_a.shape[2]
-        # A @ x^T reads each slot's [E*R, H] A in its storage order (faster than x @ A^T here).
         a = lora.lora_a[sl].reshape(num_slots, num_experts * rank, hidden_size)
-        shrunk = torch.bmm(a, x_pad.transpose(1, 2)).view(num_slots, num_experts, rank, max_rows)
-        shrunk = shrunk * lora.scale.view(-1, num_experts)[sl, :, None, None].to(x.dtype)
+        # [S, M, E*R], by whichever GEMM layout this machine runs faster (see _measured)
+        shrunk = fastest(
+            ("moe_dense_shrink", x.device.type, x.dtype, num_slots, max_rows, a.shape[1:]),
+            (
+                lambda: torch.bmm(a, x_pad.transpose(1, 2)).transpose(1, 2),
+                lambda: torch.bmm(x_pad, a.transpose(1, 2)),
+            ),
+        )
+        scaled = torch.empty(
+            (num_slots, num_experts, max_rows, rank), dtype=x.dtype, device=x.device
+        )
+        torch.mul(
+            shrunk.view(num_slots, max_rows, num_experts, rank).transpose(1, 2),
+            lora.scale.view(-1, num_experts)[sl, :, None, None].to(x.dtype),
+            out=scaled,
+        )
         b = lora.lora_b[sl].reshape(num_groups, intermediate, rank).transpose(1, 2)  # [G, R, I]
-        delta = torch.bmm(shrunk.view(num_groups, rank, max_rows).transpose(1, 2), b)
+        delta = torch.bmm(scaled.view(num_groups, max_rows, rank), b)
         return delta.view(num_slots, num_experts, max_rows, intermediate).add_(base[:, None])
 
     gate_all = expert_projection(gate, gate_up_pad[..., :intermediate])  # [S, E, M, I]
