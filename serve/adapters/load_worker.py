@@ -19,6 +19,7 @@ import contextlib
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -226,6 +227,9 @@ def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
 
 
 def main() -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the engine process decides when its
+    # workers stop (EOF on their stdin), so they ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The replies own the real stdout; anything a library prints goes to stderr instead.
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

@@ -4,7 +4,9 @@ same typed errors as an in-process load_adapter, and a dead worker fails only it
 from __future__ import annotations
 
 import gc
+import os
 import pickle
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -146,3 +148,16 @@ def test_a_dropped_loader_ends_its_workers(tmp_path, arch):
     del loader, worker
     gc.collect()
     assert proc.wait(timeout=30) == 0
+
+
+def test_workers_ignore_ctrl_c_sent_to_the_process_group(tmp_path, arch):
+    loader = ProcessLoader(max_workers=1)
+    try:
+        path = good_adapter(tmp_path)
+        assert loader("a", path, arch).name == "a"  # the worker is up and serving
+        (worker,) = loader._workers
+        os.kill(worker.proc.pid, signal.SIGINT)
+        assert loader("a", path, arch).name == "a"
+        assert loader._workers == [worker]
+    finally:
+        loader.close()
