@@ -113,8 +113,25 @@ def _check_tensor(spec: AdapterSpec, e: ExpectedTensor, tensor: torch.Tensor, fi
             raise BaseModelMismatchError(
                 spec.name, problem + " of the base model", file=file, key=e.key
             )
-    if not bool(torch.isfinite(tensor).all()):
-        raise AdapterValueError(spec.name, "holds NaN or Inf values", file=file, key=e.key)
+
+
+def _check_finite(
+    spec: AdapterSpec,
+    expected: dict[str, ExpectedTensor],
+    weights: dict[str, torch.Tensor],
+    stacked: list[torch.Tensor],
+    file: str,
+) -> None:
+    """Every expected tensor is finite. The fast path sums each of the few stacked tensors,
+    which hold every expected one: a NaN or Inf anywhere makes its sum non-finite, with no
+    temporary as large as the tensor (an isfinite call per file tensor cost ~15% of a
+    1000-tensor load). Only a non-finite sum (a real NaN/Inf, or finite values so huge that
+    they overflow) scans the file's tensors, which names the key or finds nothing wrong."""
+    if all(bool(torch.isfinite(t.sum())) for t in stacked):
+        return
+    for key in expected:
+        if not bool(torch.isfinite(weights[key]).all()):
+            raise AdapterValueError(spec.name, "holds NaN or Inf values", file=file, key=key)
 
 
 def _stack_site(
@@ -184,4 +201,14 @@ def assemble_adapter(
                 for i in range(arch.num_layers)
             ]
         )
+    stacked = [ffn_router] if ffn_router is not None else []
+    for site in sites.values():
+        stacked += [t for t in (site.lora_a, site.lora_b, site.router) if t is not None]
+    # The stacks hold every expected tensor: sites stack each key of their projection, and the
+    # MixLoRA FFN routers (projection None) are stacked above; anything else is checked alone.
+    loose = [
+        e.key for e in expected.values() if e.projection is not None and e.projection not in sites
+    ]
+    stacked += [weights[key] for key in loose]
+    _check_finite(spec, expected, weights, stacked, file)
     return AdapterWeights(spec=spec, sites=sites, ffn_router=ffn_router, files=files)

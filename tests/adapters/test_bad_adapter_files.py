@@ -16,6 +16,7 @@ from mixserve.adapters import (
     AdapterFileError,
     AdapterNotFoundError,
     AdapterValueError,
+    load_adapter,
 )
 
 
@@ -112,3 +113,16 @@ def test_weights_file_that_is_not_a_dict_of_named_tensors(tmp_path, arch, obj: o
     path = good_adapter(tmp_path)
     file = save_raw(path, obj)
     load_fails(AdapterFileError, path, arch, match=match, file=file)
+
+
+def test_legacy_non_zip_torch_save_format_loads_the_same(tmp_path, arch):
+    path = good_adapter(tmp_path)
+    file = os.path.join(path, BIN)
+    want = load_adapter("x", path, arch)
+    weights = torch.load(file, weights_only=True)
+    torch.save(weights, file, _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+    got = load_adapter("x", path, arch)
+    for proj, site in want.sites.items():
+        assert torch.equal(got.sites[proj].lora_a, site.lora_a)
+        assert torch.equal(got.sites[proj].lora_b, site.lora_b)
+    assert torch.equal(got.ffn_router, want.ffn_router)

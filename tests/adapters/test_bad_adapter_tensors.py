@@ -228,3 +228,29 @@ def test_moe_peft_dora_without_magnitudes_loads_as_lora_with_a_warning(tmp_path,
     loaded = load_adapter("dora", path, arch)
     assert loaded.spec.dora_without_magnitude
     assert "reloads as plain LoRA" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("strategy", "key"),
+    [
+        ("mixlora", "mixlora.layers.0.mlp.moe_gate.weight"),  # the FFN router
+        ("mixlora", "mixlora.layers.1.self_attn.q_proj.lora_A.weight"),
+        ("loramoe", "loramoe.layers.1.mlp.down_proj.moe_gate.weight"),  # a site router
+        (None, "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"),
+    ],
+    ids=["ffn-router", "attn-lora_A", "site-router", "peft-lora_B"],
+)
+def test_a_non_finite_value_anywhere_is_found_and_named(tmp_path, arch, strategy, key):
+    path = good_adapter(tmp_path, strategy)
+    file = edit_weights(path, lambda w: w[key].view(-1).__setitem__(-1, float("inf")))
+    load_fails(AdapterValueError, path, arch, match="NaN or Inf", file=file, key=key)
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf(tmp_path, arch):
+    """The finiteness check sums stacked tensors first; a sum that overflows on finite values
+    must fall through to the exact check and load."""
+    key = "mixlora.layers.1.mlp.down_proj.experts.3.lora_B.weight"
+    path = good_adapter(tmp_path)
+    edit_weights(path, lambda w: w[key].view(-1)[:4].fill_(3e38))
+    weights = load_adapter("x", path, arch)
+    assert torch.isinf(weights.sites["down_proj"].lora_b.sum())  # the fast path did overflow
