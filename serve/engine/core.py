@@ -7,6 +7,7 @@ LLM) calls it. Errors inside a step fail exactly the requests of that step; they
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from mixserve.adapters import AdapterError
@@ -113,10 +114,7 @@ class EngineCore:
         adapters = {s.adapter for s in plan.sequences if s.adapter is not None}
         try:
             slots = self.pager.prepare(adapters) if adapters and self.pager is not None else {}
-            if self.cpu_threads is not None and self.pager is not None:
-                with self.cpu_threads.sharing_with(self.pager.num_loads_running):
-                    output = self.runner.execute(plan, slots)
-            else:
+            with self._cpus_for_step():
                 output = self.runner.execute(plan, slots)
         except Exception as exc:  # noqa: BLE001 - any failure of a step fails its requests only
             logger.exception("step failed; failing its %d sequences", len(plan.sequences))
@@ -140,6 +138,11 @@ class EngineCore:
                 if names[slot] is not None:
                     self._expert_counts.append((names[slot], counts))
         return deltas
+
+    def _cpus_for_step(self) -> AbstractContextManager[object]:
+        if self.cpu_threads is None or self.pager is None:
+            return nullcontext()
+        return self.cpu_threads.sharing_with(self.pager.num_loads_running)
 
     def step(self) -> list[TokenDelta]:
         """Run one step; returns every request's new output (finished ones included)."""
