@@ -1,8 +1,10 @@
 """Background adapter loads: worker threads read, validate and pin; the engine thread collects.
 
 Workers run only `_load_job`, which touches no shared state and returns a value (or raises), so
-the engine thread owns everything else. A failure is a value too (an `AdapterError`, with any
-unexpected exception wrapped), so it fails only the requests for that adapter.
+the engine thread owns everything else. The engine's loader (`load_worker.ProcessLoader`) does
+the read itself in a child process, so a worker thread mostly waits on a pipe without the GIL.
+A failure is a value too (an `AdapterError`, with any unexpected exception wrapped), so it fails
+only the requests for that adapter.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """AdapterPager: many adapters over one AdapterPool, in three tiers: disk -> host cache -> slots.
 
-Threading model: one engine thread calls every method. Worker threads (`loads.LoadQueue`) only
-read, validate and pin, and hand back values that `poll` collects; so the registry, in-flight
+Threading model: one engine thread calls every method. Worker threads (`loads.LoadQueue`, each
+driving a load worker process by default) only read, validate and pin, and hand back values that
+`poll` collects; so the registry, in-flight
 counts, host cache and slot table are mutated on the engine thread only and need no lock.
 
 Invariants:
