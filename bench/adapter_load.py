@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+from model_step import _median_seconds  # noqa: E402 - the benches' one timing helper
 from support.adapter_files import BaseDims, write_adapter  # noqa: E402
 
 from mixserve.adapters import load_adapter  # noqa: E402
@@ -36,13 +36,7 @@ from mixserve.torch_threads import single_threaded_torch  # noqa: E402
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return _median_seconds(fn, repeats) * 1e3
 
 
 def main() -> None:
