@@ -2,8 +2,9 @@
 
 - sparse: assignments sorted into (slot, expert) segments, segmented GEMMs; work scales with the
   k selected experts, but each group costs a fixed overhead.
-- dense: rows padded per slot, every expert of a slot computed with batched GEMMs and weighted
-  by w (0 for unselected experts); E/k times the LoRA work, but a constant number of calls.
+- dense: rows padded per slot, every expert's LoRA delta of a slot computed with batched GEMMs
+  (E/k times the LoRA FLOPs, but a constant number of calls), the activation and weighting then
+  only on the selected (row, expert) pairs.
 Small batches (decode) have many one-row groups and favour dense; large ones favour sparse.
 """
 
@@ -31,14 +32,15 @@ _ELEMENT_COST = 0.3e-9
 
 @dataclass(frozen=True, slots=True)
 class _SlotLayout:
-    """Routed rows grouped by slot and padded: row order[j] sits at [local_slot[j], pos[j]]."""
+    """Routed rows grouped by slot and padded to M rows a slot; selected (row, expert) pairs."""
 
-    order: torch.Tensor  # [N] rows sorted by slot (stable)
     slot_lo: int  # first slot of the range
     num_slots: int  # S: slots in the range, used or not
-    local_slot: torch.Tensor  # [N] slot - slot_lo, in sorted order
-    pos: torch.Tensor  # [N] position within its slot
     max_rows: int  # M: most rows of one slot
+    padded_row: torch.Tensor  # [N] where row i sits in [S * M]
+    pair_rows: torch.Tensor  # [P] the row of each selected (row, expert) pair
+    pair_index: torch.Tensor  # [P] where the pair sits in [S * E * M]
+    pair_weights: torch.Tensor  # [P] float32
 
 
 Act = Callable[[torch.Tensor], torch.Tensor]
@@ -102,27 +104,17 @@ def _dense(
     act: Act,
     layout: _SlotLayout,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    order, slot_lo, num_slots = layout.order, layout.slot_lo, layout.num_slots
-    max_rows = layout.max_rows
-    num_experts = weights.shape[1]
+    slot_lo, num_slots, max_rows = layout.slot_lo, layout.num_slots, layout.max_rows
+    num_rows, num_experts = weights.shape
     intermediate = gate_up.shape[1] // 2
     hidden_size = x.shape[1]
     num_groups = num_slots * num_experts
     sl = slice(slot_lo, slot_lo + num_slots)
-    # padded_row[i]: where row i sits in the [S * M] padded rows.
-    padded_row = torch.empty_like(order)
-    padded_row[order] = layout.local_slot * max_rows + layout.pos
+    x_pad = x.new_zeros(num_slots * max_rows, hidden_size)
+    x_pad.index_copy_(0, layout.padded_row, x.index_select(0, rows))
+    x_pad = x_pad.view(num_slots, max_rows, hidden_size)  # [S, M, H], zero padding
 
-    def padded(values: torch.Tensor) -> torch.Tensor:  # [N, D] -> [S, M, D], zero padding
-        out = values.new_zeros(num_slots * max_rows, values.shape[1])
-        out.index_copy_(0, padded_row, values)
-        return out.view(num_slots, max_rows, values.shape[1])
-
-    x_pad = padded(x.index_select(0, rows))  # [S, M, H]
-    gate_up_pad = padded(gate_up.index_select(0, rows))  # [S, M, 2I]
-    w_pad = padded(weights.to(x.dtype))  # [S, M, E]
-
-    def expert_projection(lora: ExpertLora, base: torch.Tensor) -> torch.Tensor:
+    def expert_delta(lora: ExpertLora) -> torch.Tensor:  # [S * E * M, I]
         rank = lora.lora_a.shape[2]
         a = lora.lora_a[sl].reshape(num_slots, num_experts * rank, hidden_size)
         # [S, M, E*R], by whichever GEMM layout this machine runs faster (see _measured)
@@ -142,13 +134,18 @@ def _dense(
             out=scaled,
         )
         b = lora.lora_b[sl].reshape(num_groups, intermediate, rank).transpose(1, 2)  # [G, R, I]
-        delta = torch.bmm(scaled.view(num_groups, max_rows, rank), b)
-        return delta.view(num_slots, num_experts, max_rows, intermediate).add_(base[:, None])
+        return torch.bmm(scaled.view(num_groups, max_rows, rank), b).view(-1, intermediate)
 
-    gate_all = expert_projection(gate, gate_up_pad[..., :intermediate])  # [S, E, M, I]
-    up_all = expert_projection(up, gate_up_pad[..., intermediate:])
-    hidden_all = act(gate_all).mul_(up_all).mul_(w_pad.transpose(1, 2)[..., None])  # w h_e
-    hidden_pad = hidden_all.sum(1)  # [S, M, I]
+    # Every expert's delta is computed (one GEMM per group, no per-group work), but the
+    # elementwise FFN runs only on the P selected pairs: E/k times fewer values.
+    gate_up_p = gate_up.index_select(0, rows.index_select(0, layout.pair_rows))  # [P, 2I]
+    g = expert_delta(gate).index_select(0, layout.pair_index).add_(gate_up_p[:, :intermediate])
+    u = expert_delta(up).index_select(0, layout.pair_index).add_(gate_up_p[:, intermediate:])
+    # w h_e: the weight goes onto h, since the down LoRA is linear
+    h = act(g).mul_(u).mul_(layout.pair_weights.to(x.dtype)[:, None])  # [P, I]
+    hidden = x.new_zeros(num_rows, intermediate).index_add_(0, layout.pair_rows, h)
+    hidden_all = x.new_zeros(num_groups * max_rows, intermediate)  # unselected experts: 0
+    hidden_all.index_copy_(0, layout.pair_index, h)
     rank = down.lora_a.shape[2]
     a = down.lora_a[sl].reshape(num_groups, rank, intermediate)
     shrunk = torch.bmm(hidden_all.view(num_groups, max_rows, intermediate), a.transpose(1, 2))
@@ -164,8 +161,7 @@ def _dense(
     )
     b = down.lora_b[sl].transpose(-1, -2).reshape(num_slots, num_experts * rank, hidden_size)
     delta_pad = torch.bmm(shrunk_by_slot.view(num_slots, max_rows, num_experts * rank), b)
-    hidden = hidden_pad.view(-1, intermediate).index_select(0, padded_row)  # [N, I]
-    down_delta = delta_pad.view(-1, hidden_size).index_select(0, padded_row)  # [N, H]
+    down_delta = delta_pad.view(-1, hidden_size).index_select(0, layout.padded_row)  # [N, H]
     return hidden, down_delta
 
 
@@ -194,18 +190,36 @@ def moe_lora_ffn(
     num_slots = int(sorted_slots[-1]) - slot_lo + 1
     counts = torch.bincount(sorted_slots - slot_lo, minlength=num_slots)
     max_rows = int(counts.max())
-    selected = weights > 0
-    num_assignments = int(selected.sum())
-    group_keys = (slots[:, None] * num_experts + torch.arange(num_experts, device=x.device))[
-        selected
-    ]
-    num_groups = int(torch.unique(group_keys).numel())
+    pair_rows, pair_experts = torch.nonzero(weights > 0, as_tuple=True)  # [P] each
+    num_assignments = pair_rows.shape[0]
+    num_groups = int(
+        torch.unique(slots.index_select(0, pair_rows) * num_experts + pair_experts).numel()
+    )
     sparse_cost = 6 * num_groups * _GROUP_COST + 8 * num_assignments * intermediate * _ELEMENT_COST
-    dense_cost = 6 * num_slots * num_experts * max_rows * intermediate * _ELEMENT_COST
+    # two passes over every expert's [S, E, M, I] deltas, then the same per-pair work as sparse
+    dense_cost = (
+        (2 * num_slots * num_experts * max_rows + 8 * num_assignments)
+        * intermediate
+        * _ELEMENT_COST
+    )
     if strategy == "dense" or (strategy == "auto" and dense_cost < sparse_cost):
-        local_slot = sorted_slots - slot_lo
         starts = counts.cumsum(0) - counts
-        pos = torch.arange(num_rows, device=x.device) - starts[local_slot]
-        layout = _SlotLayout(order, slot_lo, num_slots, local_slot, pos, max_rows)
+        local_slot = sorted_slots - slot_lo
+        padded_row = torch.empty_like(order)  # [N]
+        padded_row[order] = local_slot * max_rows + (
+            torch.arange(num_rows, device=x.device) - starts[local_slot]
+        )
+        row_pos = padded_row % max_rows  # [N] each row's place within its slot
+        pair_slot = slots.index_select(0, pair_rows) - slot_lo
+        layout = _SlotLayout(
+            slot_lo=slot_lo,
+            num_slots=num_slots,
+            max_rows=max_rows,
+            padded_row=padded_row,
+            pair_rows=pair_rows,
+            pair_index=(pair_slot * num_experts + pair_experts) * max_rows
+            + row_pos.index_select(0, pair_rows),
+            pair_weights=weights[pair_rows, pair_experts],
+        )
         return _dense(x, gate_up, rows, weights, gate, up, down, act, layout)
     return _sparse(x, gate_up, rows, slots, weights, gate, up, down, act)

@@ -136,3 +136,20 @@ def test_reference_stays_torch_when_triton_is_forced(monkeypatch):
         got = reference.moe_lora_ffn(*case, F.silu, strategy=strategy)
         for a, b in zip(got, expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["sparse", "dense", "auto"])
+def test_rows_without_selected_experts_get_zeros(strategy):
+    """A row whose every weight is 0 (or a step where no row selects anything) adds nothing."""
+    case = list(
+        _case(11, tokens=10, slots_used=[0, 1], num_slots=2, experts=4, k=2, dtype=torch.float32)
+    )
+    case[4][::2] = 0  # every other row selects nothing
+    hidden, delta = reference.moe_lora_ffn(*case, F.silu, strategy=strategy)
+    want_hidden, want_delta = _naive(*case)
+    torch.testing.assert_close(hidden.double(), want_hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(delta.double(), want_delta, rtol=1e-5, atol=1e-6)
+    assert not hidden[::2].any() and not delta[::2].any()
+    case[4].zero_()
+    hidden, delta = reference.moe_lora_ffn(*case, F.silu, strategy=strategy)
+    assert hidden.shape == (len(case[2]), 40) and not hidden.any() and not delta.any()
