@@ -2,8 +2,9 @@
 
 Three ways to the same function, picked per call:
 - groups of few rows (at most 8; decode steps: a few rows per adapter), with at most ~4 padding
-  rows per real one: the rows padded into [groups, max rows, K] and one batched GEMM. On CPU this
-  is 3-6x faster than grouped_mm, which runs one small GEMM per group;
+  rows per real one: the rows padded into [groups, max rows, K] and one batched GEMM
+  (`PaddedGroups`, which callers may build once and reuse). On CPU this is 3-6x faster than
+  grouped_mm, which runs one small GEMM per group;
 - `torch.nn.functional.grouped_mm`: one GEMM per group over jagged row ranges in a single call (on
   CPU too, for fp32/bf16/fp16) as long as every stride is a multiple of 16 bytes;
 - where a layout does not qualify, or the group range is mostly empty (each group, empty or not,
@@ -11,6 +12,9 @@ Three ways to the same function, picked per call:
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,28 +52,82 @@ def _aligned(t: torch.Tensor) -> bool:
     return (inner_ok or transposed_ok) and outer_ok
 
 
+@dataclass(frozen=True, slots=True)
+class PaddedGroups:
+    """Rows sorted by group, laid out as [U, M] for one batched GEMM over the groups group_lo,
+    group_lo + group_step, ... (U of them; one with no rows holds M zero rows)."""
+
+    group_lo: int
+    group_step: int
+    num_groups: int  # U
+    max_rows: int  # M: most rows of one group
+    flat_pos: torch.Tensor  # [P] each row's place in [U * M]
+
+    def pad(self, values: torch.Tensor) -> torch.Tensor:
+        """[P, D] rows in group order -> [U, M, D], zero padding."""
+        out = values.new_zeros(self.num_groups * self.max_rows, values.shape[1])
+        out.index_copy_(0, self.flat_pos, values)
+        return out.view(self.num_groups, self.max_rows, values.shape[1])
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """[U, M, D] -> [P, D], the inverse of pad."""
+        return padded.reshape(-1, padded.shape[-1]).index_select(0, self.flat_pos)
+
+    def groups_of(self, b: torch.Tensor) -> torch.Tensor:
+        """[G, ...] -> [U, ...]: the U groups' entries, a view."""
+        hi = self.group_lo + (self.num_groups - 1) * self.group_step + 1
+        return b[self.group_lo : hi : self.group_step]
+
+
+def padded_groups(sorted_group_ids: torch.Tensor) -> PaddedGroups | None:
+    """The padded layout of rows whose groups are sorted_group_ids ([P] int64, non-decreasing),
+    or None where it does not pay: a group past _MAX_PADDED_ROWS rows, or more than ~4 padding
+    rows per real one (up to there, padded rows cost about what the groups' weights do, while
+    grouped_mm pays a GEMM call per group: many adapters with 1-2 rows each in a decode step)."""
+    num_rows = sorted_group_ids.shape[0]
+    if num_rows == 0:
+        return None
+    groups, counts = torch.unique_consecutive(sorted_group_ids, return_counts=True)
+    max_rows = int(counts.max())
+    if max_rows > _MAX_PADDED_ROWS:
+        return None
+    ids = groups.tolist()
+    # The groups of plain LoRA rows are slot * E: stepping by E skips the other experts.
+    step = math.gcd(*(hi - lo for lo, hi in zip(ids, ids[1:], strict=False))) or 1
+    num_groups = (ids[-1] - ids[0]) // step + 1
+    if num_groups * max_rows > 4 * num_rows + 16:
+        return None
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(num_rows, device=sorted_group_ids.device) - torch.repeat_interleave(
+        starts, counts
+    )
+    local_group = (sorted_group_ids - ids[0]) // step
+    return PaddedGroups(ids[0], step, num_groups, max_rows, local_group * max_rows + pos)
+
+
 def grouped_matmul(
-    a: torch.Tensor, b: torch.Tensor, sorted_group_ids: torch.Tensor
+    a: torch.Tensor,
+    b: torch.Tensor,
+    sorted_group_ids: torch.Tensor,
+    padded: PaddedGroups | None = None,
 ) -> torch.Tensor:
     """out[p] = a[p] @ b[sorted_group_ids[p]].
 
-    a: [P, K]; b: [G, K, N] (any strides); sorted_group_ids: [P] int64, non-decreasing.
+    a: [P, K]; b: [G, K, N] (any strides); sorted_group_ids: [P] int64, non-decreasing;
+    padded: `padded_groups(sorted_group_ids)` if the caller has it (otherwise built here).
     Returns [P, N] in a's dtype.
     """
     num_rows = a.shape[0]
     if num_rows == 0:
         return a.new_zeros((0, b.shape[-1]))
+    padded = padded or padded_groups(sorted_group_ids)
+    if padded is not None:
+        return _padded_bmm(a, b, padded)
     group_lo = int(sorted_group_ids[0])
     group_hi = int(sorted_group_ids[-1]) + 1
     counts = torch.bincount(sorted_group_ids - group_lo, minlength=group_hi - group_lo)
     b_range = b[group_lo:group_hi]
     num_nonempty = int((counts > 0).sum())
-    max_rows = int(counts.max())
-    # Up to ~4 zero rows per real one: with at most 8 rows a group, the padded rows cost about
-    # what the group's weights do, while grouped_mm pays a GEMM call per group (many adapters
-    # with 1-2 rows each in a decode step).
-    if num_nonempty * max_rows <= 4 * num_rows + 16 and max_rows <= _MAX_PADDED_ROWS:
-        return _padded_bmm(a, b_range, counts, max_rows)
     mostly_empty = (group_hi - group_lo) > 4 * num_nonempty + 16
     if _HAS_GROUPED_MM and not mostly_empty and a.dtype == b.dtype:
         a_c = a if _aligned(a) else a.contiguous()
@@ -86,27 +144,15 @@ def grouped_matmul(
     return out
 
 
-def _padded_bmm(
-    a: torch.Tensor, b_range: torch.Tensor, counts: torch.Tensor, max_rows: int
-) -> torch.Tensor:
-    """grouped_matmul as one bmm: a's rows (sorted by group; counts [G] per group of b_range)
-    padded to [U, max_rows, K] over the U non-empty groups."""
+def _padded_bmm(a: torch.Tensor, b: torch.Tensor, padded: PaddedGroups) -> torch.Tensor:
+    """grouped_matmul as one bmm over the padded layout."""
     num_rows, k = a.shape
-    used = torch.nonzero(counts, as_tuple=True)[0]  # [U]
-    used_counts = counts.index_select(0, used)  # [U]
-    num_used = used.shape[0]
-    b_used = b_range if num_used == counts.shape[0] else b_range.index_select(0, used)
-    b_used = b_used.to(a.dtype)  # [U, K, N]
-    if num_used * max_rows == num_rows:  # every group full: a is already [U, M, K] in order
-        return torch.bmm(a.reshape(num_used, max_rows, k), b_used).reshape(num_rows, -1)
-    group_of_row = torch.repeat_interleave(
-        torch.arange(num_used, device=a.device), used_counts
-    )  # [P]
-    starts = used_counts.cumsum(0) - used_counts
-    pos = torch.arange(num_rows, device=a.device) - starts.index_select(0, group_of_row)
-    a_pad = a.new_zeros(num_used, max_rows, k)
-    a_pad[group_of_row, pos] = a
-    return torch.bmm(a_pad, b_used)[group_of_row, pos]  # [P, N]
+    b_groups = padded.groups_of(b).to(a.dtype)  # [U, K, N]
+    if padded.num_groups * padded.max_rows == num_rows:  # every group full: a is [U, M, K]
+        return torch.bmm(a.reshape(padded.num_groups, padded.max_rows, k), b_groups).reshape(
+            num_rows, -1
+        )
+    return padded.unpad(torch.bmm(padded.pad(a), b_groups))  # [P, N]
 
 
 def segment_matmul(x: torch.Tensor, b: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +17,9 @@ class Segments:
     # Device-side builders keep P fixed (no host sync, CUDA-graph friendly): entries at and beyond
     # num_valid ([] int64 on the device) are padding and must be ignored. None: all are valid.
     num_valid: torch.Tensor | None = None
+    # Host-side layouts derived from these tensors by the torch reference path, built on first use
+    # and reused by every layer and site that shares the Segments (plain LoRA rows of a step).
+    memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_assignments(self) -> int:

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from mixserve.kernels._grouped import dense_range_is_cheaper, grouped_matmul
+from mixserve.kernels._grouped import (
+    PaddedGroups,
+    dense_range_is_cheaper,
+    grouped_matmul,
+    padded_groups,
+)
 from mixserve.kernels.assignments.segments import Segments
 
 
@@ -53,6 +58,13 @@ def lora_expand(
         out[:count] += delta.to(out.dtype)
 
 
+def _padded_layout(segments: Segments) -> PaddedGroups | None:
+    """padded_groups of the (trimmed) segments, built once per Segments."""
+    if "padded" not in segments.memo:
+        segments.memo["padded"] = padded_groups(segments.group_ids)
+    return segments.memo["padded"]  # type: ignore[return-value]
+
+
 def lora_apply(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -61,8 +73,11 @@ def lora_apply(
     coef: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """Shrink then expand, by whichever of two equivalent strategies is cheaper.
+    """Shrink then expand, by the cheapest of three equivalent strategies.
 
+    - padded: rows of few-row groups padded into [groups, max rows] and two batched GEMMs (decode
+      steps); its layout is built once per Segments, so the plain-LoRA rows of a step pay for it
+      once, not at every layer and site;
     - segmented: lora_shrink + lora_expand over the assignments (work scales with P);
     - dense over the step's group range [lo, hi): every row of x against every group's A and B as
       two plain GEMMs, masked by a [rows, groups] matrix holding each assignment's coef (0
@@ -72,6 +87,14 @@ def lora_apply(
     segments = segments.trimmed()
     count = segments.num_assignments
     if count == 0:
+        return
+    padded = _padded_layout(segments)
+    if padded is not None:
+        rows = padded.pad(x.index_select(0, segments.row_ids))  # [U, M, in]
+        s = torch.bmm(rows, padded.groups_of(lora_a).transpose(1, 2))  # [U, M, R]
+        s.mul_(padded.pad(coef.to(x.dtype)[:, None]))
+        delta = torch.bmm(s, padded.groups_of(lora_b).transpose(1, 2))  # [U, M, out]
+        out.index_add_(0, segments.row_ids, padded.unpad(delta).to(out.dtype))
         return
     num_rows = x.shape[0]
     rank, in_features = lora_a.shape[1], lora_a.shape[2]

@@ -214,19 +214,23 @@ def test_rows_without_assignments_are_left_alone(dtype):
     assert not torch.equal(out[~idle], before[~idle])
 
 
-# lora_apply's two strategies, forced; "shrink_expand" is the two ops called one after the other.
-WHOLE_DELTA_PATHS = ["shrink_expand", "apply_dense", "apply_segmented"]
+# lora_apply as it chooses ("apply_auto": padded where the groups are small), and its dense and
+# segmented strategies forced; "shrink_expand" is the two ops called one after the other.
+WHOLE_DELTA_PATHS = ["shrink_expand", "apply_auto", "apply_dense", "apply_segmented"]
 
 
 def apply_whole_delta(
     path: str, batch: Batch, out: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seg = batch.segments
+    # Fresh Segments: the shared batch's memo must not carry a padded layout between tests.
+    seg = Segments(batch.segments.row_ids, batch.segments.group_ids, batch.segments.weights)
     if path == "shrink_expand":
         lora_expand(lora_shrink(batch.x, batch.lora_a, seg), batch.lora_b, seg, batch.coef, out)
         return
-    dense = path == "apply_dense"
-    monkeypatch.setattr(reference, "dense_range_is_cheaper", lambda *args: dense)
+    if path != "apply_auto":
+        dense = path == "apply_dense"
+        monkeypatch.setattr(reference, "padded_groups", lambda group_ids: None)
+        monkeypatch.setattr(reference, "dense_range_is_cheaper", lambda *args: dense)
     assert lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, batch.coef, out) is None
 
 
@@ -280,3 +284,40 @@ def test_lora_apply_runs_decode_steps_dense_and_long_prefills_segmented():
     flops = 2 * 16 * (576 + 576)
     assert _grouped.dense_range_is_cheaper(32, 8, 32, flops)
     assert not _grouped.dense_range_is_cheaper(4096, 64, 4096, flops)
+
+
+def test_decode_rows_take_the_padded_layout_built_once_per_segments(monkeypatch):
+    """A step's plain-LoRA Segments serve every layer and site: the padded layout is built on
+    the first lora_apply and reused, and neither other strategy runs."""
+    batch = make_batch(SCENARIOS["few_slots"], torch.float32, seed=21)
+    # 12 decode rows over the slots' expert-0 groups 0, 4, 8, 12, 16 (plain LoRA: slot * E)
+    group_ids = torch.tensor([0, 0, 4, 8, 8, 8, 12, 16, 16, 16, 16, 16])
+    gen = torch.Generator().manual_seed(22)
+    seg = Segments(
+        torch.randperm(12, generator=gen), group_ids, torch.rand(12, generator=gen) + 0.5
+    )
+    coef = seg.weights * 1.5
+    builds: list[int] = []
+
+    def counting(group_ids: torch.Tensor) -> object:
+        builds.append(1)
+        return _grouped.padded_groups(group_ids)
+
+    def unexpected(*args: object) -> bool:
+        raise AssertionError("dense or segmented strategy chosen")
+
+    monkeypatch.setattr(reference, "padded_groups", counting)
+    monkeypatch.setattr(reference, "dense_range_is_cheaper", unexpected)
+    want = naive_expand(
+        naive_shrink(batch.x, batch.lora_a, seg, True),
+        batch.lora_b,
+        seg,
+        coef,
+        torch.zeros(len(batch.x), batch.lora_b.shape[1]),
+        True,
+    )
+    for _ in range(3):
+        out = torch.zeros(len(batch.x), batch.lora_b.shape[1])
+        lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, coef, out)
+        assert_matches(out, want, torch.float32)
+    assert builds == [1]
