@@ -84,25 +84,36 @@ def padded_groups(sorted_group_ids: torch.Tensor) -> PaddedGroups | None:
     or None where it does not pay: a group past _MAX_PADDED_ROWS rows, or more than ~4 padding
     rows per real one (up to there, padded rows cost about what the groups' weights do, while
     grouped_mm pays a GEMM call per group: many adapters with 1-2 rows each in a decode step)."""
-    num_rows = sorted_group_ids.shape[0]
-    if num_rows == 0:
+    if sorted_group_ids.shape[0] == 0:
         return None
-    groups, counts = torch.unique_consecutive(sorted_group_ids, return_counts=True)
+    group_lo = int(sorted_group_ids[0])
+    return _padded_from_counts(
+        sorted_group_ids, group_lo, torch.bincount(sorted_group_ids - group_lo)
+    )
+
+
+def _padded_from_counts(
+    sorted_group_ids: torch.Tensor, group_lo: int, counts: torch.Tensor
+) -> PaddedGroups | None:
+    """padded_groups, given counts [G] of the rows of groups group_lo, group_lo + 1, ..."""
+    num_rows = sorted_group_ids.shape[0]
     max_rows = int(counts.max())
     if max_rows > _MAX_PADDED_ROWS:
         return None
-    ids = groups.tolist()
+    used = torch.nonzero(counts, as_tuple=True)[0]  # [U'] offsets from group_lo, the first 0
+    offsets = used.tolist()
     # The groups of plain LoRA rows are slot * E: stepping by E skips the other experts.
-    step = math.gcd(*(hi - lo for lo, hi in zip(ids, ids[1:], strict=False))) or 1
-    num_groups = (ids[-1] - ids[0]) // step + 1
+    step = math.gcd(*offsets) or 1
+    num_groups = offsets[-1] // step + 1
     if num_groups * max_rows > 4 * num_rows + 16:
         return None
-    starts = counts.cumsum(0) - counts
+    used_counts = counts.index_select(0, used)
+    starts = used_counts.cumsum(0) - used_counts
     pos = torch.arange(num_rows, device=sorted_group_ids.device) - torch.repeat_interleave(
-        starts, counts
+        starts, used_counts
     )
-    local_group = (sorted_group_ids - ids[0]) // step
-    return PaddedGroups(ids[0], step, num_groups, max_rows, local_group * max_rows + pos)
+    local_group = (sorted_group_ids - group_lo) // step
+    return PaddedGroups(group_lo, step, num_groups, max_rows, local_group * max_rows + pos)
 
 
 def grouped_matmul(
@@ -120,12 +131,14 @@ def grouped_matmul(
     num_rows = a.shape[0]
     if num_rows == 0:
         return a.new_zeros((0, b.shape[-1]))
-    padded = padded or padded_groups(sorted_group_ids)
     if padded is not None:
         return _padded_bmm(a, b, padded)
     group_lo = int(sorted_group_ids[0])
-    group_hi = int(sorted_group_ids[-1]) + 1
-    counts = torch.bincount(sorted_group_ids - group_lo, minlength=group_hi - group_lo)
+    counts = torch.bincount(sorted_group_ids - group_lo)  # [hi - lo]
+    padded = _padded_from_counts(sorted_group_ids, group_lo, counts)
+    if padded is not None:
+        return _padded_bmm(a, b, padded)
+    group_hi = group_lo + counts.shape[0]
     b_range = b[group_lo:group_hi]
     num_nonempty = int((counts > 0).sum())
     mostly_empty = (group_hi - group_lo) > 4 * num_nonempty + 16
