@@ -54,14 +54,16 @@ def _aligned(t: torch.Tensor) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class PaddedGroups:
-    """Rows sorted by group, laid out as [U, M] for one batched GEMM over the groups group_lo,
-    group_lo + group_step, ... (U of them; one with no rows holds M zero rows)."""
+    """Rows sorted by group, laid out as [U, M] for one batched GEMM over U groups: the grid
+    group_lo, group_lo + group_step, ... (a grid group with no rows holds M zero rows), or, where
+    that grid would be mostly empty, just the groups that have rows (their weights gathered)."""
 
     group_lo: int
     group_step: int
     num_groups: int  # U
     max_rows: int  # M: most rows of one group
     flat_pos: torch.Tensor  # [P] each row's place in [U * M]
+    used_group_ids: torch.Tensor | None = None  # [U] when not the grid
 
     def pad(self, values: torch.Tensor) -> torch.Tensor:
         """[P, D] rows in group order -> [U, M, D], zero padding."""
@@ -74,7 +76,9 @@ class PaddedGroups:
         return padded.reshape(-1, padded.shape[-1]).index_select(0, self.flat_pos)
 
     def groups_of(self, b: torch.Tensor) -> torch.Tensor:
-        """[G, ...] -> [U, ...]: the U groups' entries, a view."""
+        """[G, ...] -> [U, ...]: the U groups' entries (a view on the grid, else a gather)."""
+        if self.used_group_ids is not None:
+            return b.index_select(0, self.used_group_ids)
         hi = self.group_lo + (self.num_groups - 1) * self.group_step + 1
         return b[self.group_lo : hi : self.group_step]
 
@@ -98,41 +102,44 @@ def _padded_from_counts(
     """padded_groups, given counts [G] of the rows of groups group_lo, group_lo + 1, ..."""
     num_rows = sorted_group_ids.shape[0]
     max_rows = int(counts.max())
+    max_padded = 4 * num_rows + 16
     if max_rows > _MAX_PADDED_ROWS:
         return None
     used = torch.nonzero(counts, as_tuple=True)[0]  # [U'] offsets from group_lo, the first 0
     offsets = used.tolist()
-    # The groups of plain LoRA rows are slot * E: stepping by E skips the other experts.
-    step = math.gcd(*offsets) or 1
-    num_groups = offsets[-1] // step + 1
-    if num_groups * max_rows > 4 * num_rows + 16:
+    if len(offsets) * max_rows > max_padded:
         return None
     used_counts = counts.index_select(0, used)
     starts = used_counts.cumsum(0) - used_counts
     pos = torch.arange(num_rows, device=sorted_group_ids.device) - torch.repeat_interleave(
         starts, used_counts
     )
-    local_group = (sorted_group_ids - group_lo) // step
-    return PaddedGroups(group_lo, step, num_groups, max_rows, local_group * max_rows + pos)
+    # The groups of plain LoRA rows are slot * E: stepping by E skips the other experts, and
+    # the weights are a strided view. Routed groups are irregular: gather the used ones.
+    step = math.gcd(*offsets) or 1
+    num_grid = offsets[-1] // step + 1
+    if num_grid * max_rows <= max_padded:
+        local_group = (sorted_group_ids - group_lo) // step
+        return PaddedGroups(group_lo, step, num_grid, max_rows, local_group * max_rows + pos)
+    local_group = torch.repeat_interleave(
+        torch.arange(len(offsets), device=sorted_group_ids.device), used_counts
+    )
+    return PaddedGroups(
+        group_lo, 1, len(offsets), max_rows, local_group * max_rows + pos, used + group_lo
+    )
 
 
 def grouped_matmul(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    sorted_group_ids: torch.Tensor,
-    padded: PaddedGroups | None = None,
+    a: torch.Tensor, b: torch.Tensor, sorted_group_ids: torch.Tensor
 ) -> torch.Tensor:
     """out[p] = a[p] @ b[sorted_group_ids[p]].
 
-    a: [P, K]; b: [G, K, N] (any strides); sorted_group_ids: [P] int64, non-decreasing;
-    padded: `padded_groups(sorted_group_ids)` if the caller has it (otherwise built here).
+    a: [P, K]; b: [G, K, N] (any strides); sorted_group_ids: [P] int64, non-decreasing.
     Returns [P, N] in a's dtype.
     """
     num_rows = a.shape[0]
     if num_rows == 0:
         return a.new_zeros((0, b.shape[-1]))
-    if padded is not None:
-        return _padded_bmm(a, b, padded)
     group_lo = int(sorted_group_ids[0])
     counts = torch.bincount(sorted_group_ids - group_lo)  # [hi - lo]
     padded = _padded_from_counts(sorted_group_ids, group_lo, counts)

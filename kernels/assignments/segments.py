@@ -19,6 +19,7 @@ class Segments:
     num_valid: torch.Tensor | None = None
     # Host-side layouts derived from these tensors by the torch reference path, built on first use
     # and reused by every layer and site that shares the Segments (plain LoRA rows of a step).
+    # So the tensors must not change in place once the Segments has been used.
     memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property

@@ -7,6 +7,8 @@ zero, so `group_ranks` changes nothing.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from mixserve.kernels._grouped import (
@@ -62,7 +64,7 @@ def _padded_layout(segments: Segments) -> PaddedGroups | None:
     """padded_groups of the (trimmed) segments, built once per Segments."""
     if "padded" not in segments.memo:
         segments.memo["padded"] = padded_groups(segments.group_ids)
-    return segments.memo["padded"]  # type: ignore[return-value]
+    return cast("PaddedGroups | None", segments.memo["padded"])
 
 
 def lora_apply(
@@ -73,11 +75,11 @@ def lora_apply(
     coef: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """Shrink then expand, by the cheapest of three equivalent strategies.
+    """Shrink then expand, by one of three equivalent strategies.
 
-    - padded: rows of few-row groups padded into [groups, max rows] and two batched GEMMs (decode
-      steps); its layout is built once per Segments, so the plain-LoRA rows of a step pay for it
-      once, not at every layer and site;
+    - padded, whenever the groups have few rows (decode steps): rows padded into [groups, max
+      rows] and two batched GEMMs. Its layout is built once per Segments, so the plain-LoRA rows
+      of a step pay for it once, not at every layer and site. Otherwise the cheaper of:
     - segmented: lora_shrink + lora_expand over the assignments (work scales with P);
     - dense over the step's group range [lo, hi): every row of x against every group's A and B as
       two plain GEMMs, masked by a [rows, groups] matrix holding each assignment's coef (0
@@ -88,6 +90,7 @@ def lora_apply(
     count = segments.num_assignments
     if count == 0:
         return
+    coef = coef[:count]  # a padded coef beside padded segments
     padded = _padded_layout(segments)
     if padded is not None:
         rows = padded.pad(x.index_select(0, segments.row_ids))  # [U, M, in]

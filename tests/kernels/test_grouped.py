@@ -169,13 +169,16 @@ def test_sparse_but_not_mostly_empty_groups_take_grouped_mm(grouped_mm_calls):
 
 
 # (rows per group, weight layout): equal full groups over the whole range (a reshaped in place),
-# uneven groups with empty ones between (rows scattered into padding, used weights selected).
+# uneven groups with empty ones between (rows scattered into padding, the grid's weights a
+# strided view), irregular group ids whose grid would be mostly empty (the used groups' weights
+# gathered).
 PADDED_CASES = {
     "equal_full_range": ({0: 4, 1: 4, 2: 4, 3: 4}, "contiguous"),
     "equal_transposed_b": ({3: 2, 4: 2, 5: 2}, "transposed"),
     "uneven_with_gaps": ({1: 3, 4: 5, 5: 1, 9: 4}, "contiguous"),
     "uneven_column_slice_b": ({0: 2, 2: 6, 3: 3}, "column_slice"),
     "one_row_each": (dict.fromkeys(range(0, 12, 2), 1), "transposed"),
+    "irregular_ids_gathered": ({0: 2, 7: 2, 19: 1, 40: 2}, "transposed"),
 }
 
 
@@ -185,7 +188,7 @@ def test_padded_path_matches_per_row_loop(padded_calls, grouped_mm_calls, case, 
     rows_per_group, layout = PADDED_CASES[case]
     gen = torch.Generator().manual_seed(10)
     ids = skewed_ids(rows_per_group)
-    b = weights_in_layout(layout, (12, 16, 24), dtype, gen)
+    b = weights_in_layout(layout, (48, 16, 24), dtype, gen)
     a = torch.randn(ids.shape[0], 16, generator=gen).to(dtype)
     assert_matches(grouped_matmul(a, b, ids), naive(a, b, ids), dtype)
     assert padded_calls and not grouped_mm_calls
@@ -257,3 +260,17 @@ def test_segment_matmul_single_row_and_single_group():
     b = torch.randn(1, 16, 4, generator=gen)
     ids = torch.zeros(1, dtype=torch.int64)
     assert_matches(segment_matmul(x, b, ids), naive(x, b, ids), torch.float32)
+
+
+def test_padded_layout_is_a_strided_grid_or_the_used_groups():
+    """Evenly spaced groups (plain LoRA: slot * E) pad over their grid and read the weights as a
+    view; irregular ones (routed experts) pad only the groups that have rows."""
+    grid = _grouped.padded_groups(skewed_ids({4: 2, 8: 1, 16: 3}))
+    assert grid is not None and grid.used_group_ids is None
+    assert (grid.group_lo, grid.group_step, grid.num_groups, grid.max_rows) == (4, 4, 4, 3)
+    b = torch.arange(48.0).view(48, 1, 1)
+    assert grid.groups_of(b).flatten().tolist() == [4.0, 8.0, 12.0, 16.0]
+    used = _grouped.padded_groups(skewed_ids({0: 2, 7: 2, 19: 1, 40: 2}))
+    assert used is not None and used.num_groups == 4
+    assert used.groups_of(b).flatten().tolist() == [0.0, 7.0, 19.0, 40.0]
+    assert _grouped.padded_groups(skewed_ids({0: 9})) is None  # past the rows limit

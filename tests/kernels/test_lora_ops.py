@@ -22,6 +22,9 @@ SCENARIOS = {
     "one_huge_segment": Scenario(512, 4, 8, 32, 16, 1, used_groups=(21,)),
     "mostly_empty_groups": Scenario(80, 32, 16, 32, 16, 1, used_groups=(3, 200, 511)),
     "no_assignments": Scenario(0, 4, 4, 32, 16, 1),
+    # decode-like: a few rows per group, which lora_apply runs padded
+    "decode_grid": Scenario(24, 8, 4, 32, 24, 1, used_groups=(0, 4, 8, 12, 16, 20, 24, 28)),
+    "decode_irregular": Scenario(16, 8, 4, 32, 24, 1, used_groups=(1, 6, 13, 22, 30)),
 }
 # Half-precision CPU GEMMs cost a thread-pool round trip per group, which is slow on a loaded
 # 2-core machine; the 512-group case runs in float32 only ("all_ranks" covers the rank mix).
@@ -254,11 +257,12 @@ def test_whole_delta_is_the_routed_lora_delta(scenario, dtype, path, monkeypatch
     assert_matches(out, want, dtype)
 
 
+@pytest.mark.parametrize("name", ["few_slots", "decode_irregular"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", WHOLE_DELTA_PATHS[1:])
-def test_lora_apply_into_a_column_slice_touches_only_its_columns(dtype, path, monkeypatch):
+def test_lora_apply_into_a_column_slice_touches_only_its_columns(name, dtype, path, monkeypatch):
     """q/k/v deltas land on column slices of the fused qkv output."""
-    scenario = SCENARIOS["few_slots"]
+    scenario = SCENARIOS[name]
     batch = make_batch(scenario, dtype, seed=18)
     gen = torch.Generator().manual_seed(19)
     out, backing = make_out("column_slice", scenario.num_tokens, scenario.out_features, dtype, gen)
@@ -321,3 +325,14 @@ def test_decode_rows_take_the_padded_layout_built_once_per_segments(monkeypatch)
         lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, coef, out)
         assert_matches(out, want, torch.float32)
     assert builds == [1]
+
+
+@pytest.mark.parametrize(("name", "gathered"), [("decode_grid", False), ("decode_irregular", True)])
+def test_decode_scenarios_take_the_padded_path(name, gathered):
+    """The scenarios above that stand for decode steps really reach the padded strategy: on the
+    slots' grid, or over the used groups when the grid would be mostly empty."""
+    for seed in (15, 18):  # the seeds of the whole-delta and column-slice tests
+        batch = make_batch(SCENARIOS[name], torch.float32, seed=seed)
+        layout = _grouped.padded_groups(batch.segments.group_ids)
+        assert layout is not None
+        assert (layout.used_group_ids is not None) == gathered
