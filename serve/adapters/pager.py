@@ -27,6 +27,7 @@ from mixserve.adapters.loader import load_adapter
 from mixserve.adapters.loads import AdapterLoadResult, Loader, LoadQueue, LoadTicket, adapter_uid
 from mixserve.adapters.pool import AdapterPool
 from mixserve.adapters.slots import SlotTable
+from mixserve.adapters.weights import AdapterWeights
 
 logger = logging.getLogger(__name__)
 
@@ -274,46 +275,29 @@ class AdapterPager:
         self._host.pop(name)
         self._slots.remove(name)
 
-    def _copy_in(self, slot: int, name: str) -> None:
+    def _host_weights(self, name: str) -> AdapterWeights:
         weights = self._host.get(name)
         assert weights is not None, "callers check is_ready"
-        evicted = self._slots.write(slot, weights)
-        if evicted is not None:
-            self._on_copy_dropped(evicted)
+        return weights
 
     def prepare(self, names: Iterable[str]) -> dict[str, int]:
         """Place every adapter of one step in a slot and pin those slots until `unpin_all`.
 
         Every name must be ready. Slot hits cost nothing; the rest are copied from the host
-        cache into free slots, else into the least recently used unpinned slots (those of
-        adapters no request uses first). On CUDA the current stream waits for the copies.
-        Raises ValueError (changing nothing) if a name is not ready or they cannot all fit.
+        cache (`SlotTable.place` picks the slots). On CUDA the current stream waits for the
+        copies. Raises ValueError (changing nothing) if a name is not ready or they cannot all
+        fit.
         """
         wanted = list(dict.fromkeys(names))
         not_ready = [n for n in wanted if not self.is_ready(n)]
         if not_ready:
             raise ValueError(f"adapters not in a slot or the host cache: {not_ready}")
-        hits = {n: s for n in wanted if (s := self._slots.slot_of(n)) is not None}
-        taken = self._slots.pinned | set(hits.values())
-        if len(wanted) - len(hits) > self.pool.num_slots - len(taken):
-            raise ValueError(
-                f"{len(wanted)} adapters do not fit {self.pool.num_slots} slots "
-                f"({len(self._slots.pinned)} pinned already)"
-            )
-        for slot in hits.values():
-            self._slots.pin(slot)
-        placed: dict[str, int] = {}
-        for name in wanted:
-            slot = hits.get(name)
-            if slot is None:
-                slot = self._slots.victim(self._is_busy, idle_only=False)
-                assert slot is not None, "counted above"
-                self._copy_in(slot, name)
-                self._slots.pin(slot)
-                self._host_hits += 1
-            else:
-                self._slot_hits += 1
-            placed[name] = slot
+        num_hits = sum(n in self._slots for n in wanted)
+        placed, evicted = self._slots.place(wanted, self._host_weights, self._is_busy)
+        for name in evicted:
+            self._on_copy_dropped(name)
+        self._slot_hits += num_hits
+        self._host_hits += len(wanted) - num_hits
         self._slots.sync_compute_stream()
         self._trim_host()
         return placed
@@ -333,7 +317,9 @@ class AdapterPager:
             slot = self._slots.victim(self._is_busy, idle_only=True)
             if slot is None:
                 break
-            self._copy_in(slot, name)
+            evicted = self._slots.write(slot, self._host_weights(name))
+            if evicted is not None:
+                self._on_copy_dropped(evicted)
             self._slots.touch(slot)
             placed[name] = slot
         self._prefetches += len(placed)

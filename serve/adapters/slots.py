@@ -111,6 +111,39 @@ class SlotTable:
                 best, choice = key, slot
         return choice
 
+    def place(
+        self,
+        names: list[str],
+        weights_of: Callable[[str], AdapterWeights],
+        is_busy: Callable[[str], bool],
+    ) -> tuple[dict[str, int], list[str]]:
+        """Pin a slot for each of names (distinct) for the current step: resident adapters where
+        they are, the others written (weights_of) into free slots, else into the least recently
+        used unpinned ones, of adapters no request uses first. Returns (name -> slot, the
+        adapters evicted). Raises ValueError, changing nothing, if they cannot all fit."""
+        hits = {n: s for n in names if (s := self.slot_of(n)) is not None}
+        taken = self._pinned | set(hits.values())
+        if len(names) - len(hits) > self.num_slots - len(taken):
+            raise ValueError(
+                f"{len(names)} adapters do not fit {self.num_slots} slots "
+                f"({len(self._pinned)} pinned already)"
+            )
+        for slot in hits.values():
+            self.pin(slot)
+        placed: dict[str, int] = {}
+        evicted: list[str] = []
+        for name in names:
+            slot = hits.get(name)
+            if slot is None:
+                slot = self.victim(is_busy, idle_only=False)
+                assert slot is not None, "counted above"
+                dropped = self.write(slot, weights_of(name))
+                if dropped is not None:
+                    evicted.append(dropped)
+                self.pin(slot)
+            placed[name] = slot
+        return placed, evicted
+
     @contextlib.contextmanager
     def _writing(self, slot: int) -> Iterator[None]:
         if self._stream is None:
