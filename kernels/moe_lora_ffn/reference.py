@@ -18,8 +18,10 @@ import torch
 
 # The sub-ops' references, never their dispatching wrappers: this file is the oracle the Triton
 # version is tested against, so it must not turn into Triton when MIXSERVE_KERNELS=triton.
+from mixserve.kernels._grouped import PaddedGroups
 from mixserve.kernels._measured import fastest
 from mixserve.kernels.assignments.reference import build_segments
+from mixserve.kernels.assignments.segments import Segments
 from mixserve.kernels.lora.reference import lora_expand, lora_shrink
 
 if TYPE_CHECKING:
@@ -32,15 +34,11 @@ _ELEMENT_COST = 0.3e-9
 
 @dataclass(frozen=True, slots=True)
 class _SlotLayout:
-    """Routed rows grouped by slot and padded to M rows a slot; selected (row, expert) pairs."""
+    """Routed rows padded to M rows a slot over the slot range; where each selected (row, expert)
+    pair (the Segments' assignments) sits among every expert's padded rows."""
 
-    slot_lo: int  # first slot of the range
-    num_slots: int  # S: slots in the range, used or not
-    max_rows: int  # M: most rows of one slot
-    padded_row: torch.Tensor  # [N] where row i sits in [S * M]
-    pair_rows: torch.Tensor  # [P] the row of each selected (row, expert) pair
-    pair_index: torch.Tensor  # [P] where the pair sits in [S * E * M]
-    pair_weights: torch.Tensor  # [P] float32
+    rows_by_slot: PaddedGroups  # groups = slots slot_lo .. slot_lo + S - 1, M = most rows of one
+    pair_index: torch.Tensor  # [P] each assignment's place in [S * E * M]
 
 
 Act = Callable[[torch.Tensor], torch.Tensor]
@@ -50,17 +48,14 @@ def _sparse(
     x: torch.Tensor,
     gate_up: torch.Tensor,
     rows: torch.Tensor,
-    slots: torch.Tensor,
-    weights: torch.Tensor,
+    segments: Segments,
     gate: ExpertLora,
     up: ExpertLora,
     down: ExpertLora,
     act: Act,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    num_rows, num_experts = weights.shape
+    num_rows = rows.shape[0]
     intermediate = gate_up.shape[1] // 2
-    local = torch.arange(num_rows, device=x.device)
-    segments = build_segments(weights, local, slots, num_experts)
     token_rows = rows.index_select(0, segments.row_ids)
     x_p = x.index_select(0, token_rows)  # [P, H]
     gate_up_p = gate_up.index_select(0, token_rows)  # [P, 2I]
@@ -97,22 +92,21 @@ def _dense(
     x: torch.Tensor,
     gate_up: torch.Tensor,
     rows: torch.Tensor,
-    weights: torch.Tensor,
+    segments: Segments,
     gate: ExpertLora,
     up: ExpertLora,
     down: ExpertLora,
     act: Act,
     layout: _SlotLayout,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    slot_lo, num_slots, max_rows = layout.slot_lo, layout.num_slots, layout.max_rows
-    num_rows, num_experts = weights.shape
+    by_slot = layout.rows_by_slot
+    num_slots, max_rows = by_slot.num_groups, by_slot.max_rows
+    num_rows, num_experts = rows.shape[0], gate.lora_a.shape[1]
     intermediate = gate_up.shape[1] // 2
     hidden_size = x.shape[1]
     num_groups = num_slots * num_experts
-    sl = slice(slot_lo, slot_lo + num_slots)
-    x_pad = x.new_zeros(num_slots * max_rows, hidden_size)
-    x_pad.index_copy_(0, layout.padded_row, x.index_select(0, rows))
-    x_pad = x_pad.view(num_slots, max_rows, hidden_size)  # [S, M, H], zero padding
+    sl = slice(by_slot.group_lo, by_slot.group_lo + num_slots)
+    x_pad = by_slot.pad(x.index_select(0, rows))  # [S, M, H], zero padding
 
     def expert_delta(lora: ExpertLora) -> torch.Tensor:  # [S * E * M, I]
         rank = lora.lora_a.shape[2]
@@ -138,12 +132,12 @@ def _dense(
 
     # Every expert's delta is computed (one GEMM per group, no per-group work), but the
     # elementwise FFN runs only on the P selected pairs: E/k times fewer values.
-    gate_up_p = gate_up.index_select(0, rows.index_select(0, layout.pair_rows))  # [P, 2I]
+    gate_up_p = gate_up.index_select(0, rows.index_select(0, segments.row_ids))  # [P, 2I]
     g = expert_delta(gate).index_select(0, layout.pair_index).add_(gate_up_p[:, :intermediate])
     u = expert_delta(up).index_select(0, layout.pair_index).add_(gate_up_p[:, intermediate:])
     # w h_e: the weight goes onto h, since the down LoRA is linear
-    h = act(g).mul_(u).mul_(layout.pair_weights.to(x.dtype)[:, None])  # [P, I]
-    hidden = x.new_zeros(num_rows, intermediate).index_add_(0, layout.pair_rows, h)
+    h = act(g).mul_(u).mul_(segments.weights.to(x.dtype)[:, None])  # [P, I]
+    hidden = x.new_zeros(num_rows, intermediate).index_add_(0, segments.row_ids, h)
     hidden_all = x.new_zeros(num_groups * max_rows, intermediate)  # unselected experts: 0
     hidden_all.index_copy_(0, layout.pair_index, h)
     rank = down.lora_a.shape[2]
@@ -161,7 +155,7 @@ def _dense(
     )
     b = down.lora_b[sl].transpose(-1, -2).reshape(num_slots, num_experts * rank, hidden_size)
     delta_pad = torch.bmm(shrunk_by_slot.view(num_slots, max_rows, num_experts * rank), b)
-    down_delta = delta_pad.view(-1, hidden_size).index_select(0, layout.padded_row)  # [N, H]
+    down_delta = by_slot.unpad(delta_pad)  # [N, H]
     return hidden, down_delta
 
 
@@ -184,17 +178,16 @@ def moe_lora_ffn(
     intermediate = gate_up.shape[1] // 2
     if num_rows == 0:
         return x.new_zeros(0, intermediate), x.new_zeros(0, x.shape[1])
-    order = torch.argsort(slots, stable=True)
-    sorted_slots = slots.index_select(0, order)
-    slot_lo = int(sorted_slots[0])
-    num_slots = int(sorted_slots[-1]) - slot_lo + 1
-    counts = torch.bincount(sorted_slots - slot_lo, minlength=num_slots)
-    max_rows = int(counts.max())
-    pair_rows, pair_experts = torch.nonzero(weights > 0, as_tuple=True)  # [P] each
-    num_assignments = pair_rows.shape[0]
-    num_groups = int(
-        torch.unique(slots.index_select(0, pair_rows) * num_experts + pair_experts).numel()
-    )
+    # The selected (row, expert) pairs, sorted by (slot, expert) group; rows index into rows.
+    segments = build_segments(weights, torch.arange(num_rows, device=x.device), slots, num_experts)
+    num_assignments = segments.row_ids.shape[0]
+    if num_assignments == 0:
+        return x.new_zeros(num_rows, intermediate), x.new_zeros(num_rows, x.shape[1])
+    num_groups = int(torch.unique_consecutive(segments.group_ids).numel())
+    slot_lo = int(slots.min())
+    local_slot = slots - slot_lo  # [N]
+    counts = torch.bincount(local_slot)  # [S] rows of each slot of the range
+    num_slots, max_rows = counts.shape[0], int(counts.max())
     sparse_cost = 6 * num_groups * _GROUP_COST + 8 * num_assignments * intermediate * _ELEMENT_COST
     # two passes over every expert's [S, E, M, I] deltas, then the same per-pair work as sparse
     dense_cost = (
@@ -203,23 +196,17 @@ def moe_lora_ffn(
         * _ELEMENT_COST
     )
     if strategy == "dense" or (strategy == "auto" and dense_cost < sparse_cost):
+        order = torch.argsort(local_slot, stable=True)
         starts = counts.cumsum(0) - counts
-        local_slot = sorted_slots - slot_lo
-        padded_row = torch.empty_like(order)  # [N]
-        padded_row[order] = local_slot * max_rows + (
-            torch.arange(num_rows, device=x.device) - starts[local_slot]
+        row_pos = torch.empty_like(order)  # [N] each row's place within its slot
+        row_pos[order] = torch.arange(num_rows, device=x.device) - starts[local_slot[order]]
+        rows_by_slot = PaddedGroups(
+            slot_lo, 1, num_slots, max_rows, local_slot * max_rows + row_pos
         )
-        row_pos = padded_row % max_rows  # [N] each row's place within its slot
-        pair_slot = slots.index_select(0, pair_rows) - slot_lo
-        layout = _SlotLayout(
-            slot_lo=slot_lo,
-            num_slots=num_slots,
-            max_rows=max_rows,
-            padded_row=padded_row,
-            pair_rows=pair_rows,
-            pair_index=(pair_slot * num_experts + pair_experts) * max_rows
-            + row_pos.index_select(0, pair_rows),
-            pair_weights=weights[pair_rows, pair_experts],
-        )
-        return _dense(x, gate_up, rows, weights, gate, up, down, act, layout)
-    return _sparse(x, gate_up, rows, slots, weights, gate, up, down, act)
+        # group g = slot * E + e holds its rows at [(g - slot_lo * E) * M, ...) of [S * E * M]
+        pair_index = (segments.group_ids - slot_lo * num_experts) * max_rows + row_pos[
+            segments.row_ids
+        ]
+        layout = _SlotLayout(rows_by_slot, pair_index)
+        return _dense(x, gate_up, rows, segments, gate, up, down, act, layout)
+    return _sparse(x, gate_up, rows, segments, gate, up, down, act)
