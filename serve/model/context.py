@@ -57,7 +57,7 @@ class SiteBatch:
 class FfnBatch:
     """Rows whose adapter is a MixLoRA (router over whole-FFN experts)."""
 
-    rows: torch.Tensor  # [N] token rows
+    rows: torch.Tensor  # [N] token rows, increasing
     slots: torch.Tensor  # [N]
     activations: tuple[tuple[str, torch.Tensor], ...]  # (ACT2FN name, slots using it)
 

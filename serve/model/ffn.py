@@ -77,20 +77,30 @@ def mlp_forward(
 
     add_site_delta(lora, "gate_proj", layer_idx, x, gate)
     add_site_delta(lora, "up_proj", layer_idx, x, up)
-    hidden = act(gate) * up  # [T, I]
 
     ffn = lora.ffn
     if ffn is None:
+        hidden = act(gate) * up  # [T, I]
         out = linear(hidden, down_weight, down_bias)  # [T, H]
         add_site_delta(lora, "down_proj", layer_idx, hidden, out)
         return out
     expert_hidden, down_delta, weight_sums = _mixlora_experts(lora, layer_idx, x, gate_up)
-    hidden[ffn.rows] = expert_hidden  # h_bar = sum_e w_e h_e: the base down projection runs once
+    # ffn.rows increase, so N == T means every row is a MixLoRA row, in order: no row needs the
+    # base activation.
+    every_row = ffn.rows.shape[0] == x.shape[0]
+    if every_row:
+        hidden = expert_hidden
+    else:
+        hidden = act(gate) * up  # [T, I]
+        hidden[ffn.rows] = expert_hidden  # h_bar = sum_e w_e h_e: the base down projection once
     out = linear(hidden, down_weight, down_bias)  # [T, H]
     if down_bias is not None:
         # Each expert's output carries the bias, so MixLoRA rows get (sum_e w_e) * b; that is 1 * b
         # only under renormalised top-k (top-p and switch weights do not sum to 1).
         down_delta += (weight_sums - 1).to(out.dtype)[:, None] * down_bias
-    out.index_add_(0, ffn.rows, down_delta)
+    if every_row:
+        out += down_delta
+    else:
+        out.index_add_(0, ffn.rows, down_delta)
     add_site_delta(lora, "down_proj", layer_idx, hidden, out)
     return out
