@@ -113,8 +113,10 @@ class EngineCore:
     def _execute(self, plan: SchedulerOutput) -> list[TokenDelta]:
         adapters = {s.adapter for s in plan.sequences if s.adapter is not None}
         try:
-            slots = self.pager.prepare(adapters) if adapters and self.pager is not None else {}
+            # The slot copies too: with every thread while a load worker holds a CPU, their
+            # OpenMP team waits on its descheduled member, as a step's would.
             with self._cpus_for_step():
+                slots = self.pager.prepare(adapters) if adapters and self.pager is not None else {}
                 output = self.runner.execute(plan, slots)
         except Exception as exc:  # noqa: BLE001 - any failure of a step fails its requests only
             logger.exception("step failed; failing its %d sequences", len(plan.sequences))

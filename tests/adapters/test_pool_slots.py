@@ -96,8 +96,16 @@ def test_a_fresh_slot_is_empty(arch):
         (("mixlora", {"r": 16}), ("mola", {"num_experts": 3, "targets": ("q_proj", "up_proj")})),
         (("mixlora-switch", {}), (None, {"targets": ("v_proj", "down_proj")})),
         (("loramoe", {"r": 16}), ("dynmole", {"num_experts": 2})),
+        # the second fills every site's A and B whole, so load skips zeroing them first
+        (("mixlora", {"r": 16}), ("dynmole", {"r": 16, "num_experts": 4})),
     ],
-    ids=["dynmole->mixlora-dynamic", "mixlora->mola", "switch->lora", "loramoe->dynmole"],
+    ids=[
+        "dynmole->mixlora-dynamic",
+        "mixlora->mola",
+        "switch->lora",
+        "loramoe->dynmole",
+        "mixlora->dynmole-full-size",
+    ],
 )
 def test_reloading_a_slot_replaces_the_adapter_fully(
     tmp_path, arch, model, first: tuple[str | None, dict], second: tuple[str | None, dict]
