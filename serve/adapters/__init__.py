@@ -19,7 +19,8 @@ from mixserve.adapters.errors import (
 from mixserve.adapters.host_cache import HostCache, HostCacheStats
 from mixserve.adapters.loader import load_adapter
 from mixserve.adapters.loads import AdapterLoadResult, adapter_uid
-from mixserve.adapters.pager import AdapterPager, AdapterState, PagerStats
+from mixserve.adapters.pager import AdapterPager
+from mixserve.adapters.pager_state import AdapterState, PagerStats
 from mixserve.adapters.pool import AdapterPool, PoolShape
 from mixserve.adapters.sizing import bytes_per_slot, num_slots_for_budget, slot_budget_bytes
 from mixserve.adapters.spec import AdapterFamily, AdapterSpec, SiteKind

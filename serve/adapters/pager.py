@@ -15,7 +15,6 @@ Invariants:
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 from collections.abc import Iterable
@@ -25,38 +24,12 @@ from mixserve.adapters.errors import AdapterNotFoundError
 from mixserve.adapters.host_cache import HostCache
 from mixserve.adapters.loader import load_adapter
 from mixserve.adapters.loads import AdapterLoadResult, Loader, LoadQueue, LoadTicket, adapter_uid
+from mixserve.adapters.pager_state import AdapterState, PagerStats
 from mixserve.adapters.pool import AdapterPool
 from mixserve.adapters.slots import SlotTable
 from mixserve.adapters.weights import AdapterWeights
 
 logger = logging.getLogger(__name__)
-
-
-class AdapterState(str, enum.Enum):
-    NOT_LOADED = "not_loaded"  # only on disk
-    LOADING = "loading"  # a background load is running (or finished and not yet polled)
-    HOST = "host"  # in the host cache, in no slot
-    SLOT = "slot"  # in a slot (and maybe in the host cache too)
-
-
-@dataclass(frozen=True, slots=True)
-class PagerStats:
-    loads: int  # background loads that succeeded
-    load_failures: int
-    load_seconds: float  # worker time reading + validating, successful loads
-    disk_loads: int  # background loads started (misses of both memory tiers)
-    slot_hits: int  # prepare: already in a slot
-    host_hits: int  # prepare: copied from the host cache into a slot
-    prefetches: int  # prefetch_slots: copied ahead of the step that needs it
-    host_evictions: int
-    slot_evictions: int
-    host_resident: int
-    host_bytes: int
-    slots_in_use: int
-    slots_pinned: int
-    slots_total: int
-    loading: int
-    registered: int
 
 
 @dataclass(slots=True)

@@ -11,7 +11,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from mixserve.adapters import AdapterError
-from mixserve.adapters.pager import AdapterPager, PagerStats
+from mixserve.adapters.pager import AdapterPager
+from mixserve.adapters.pager_state import PagerStats
 from mixserve.runner import ModelRunner
 from mixserve.scheduler import Scheduler, SchedulerStats
 from mixserve.torch_threads import ComputeThreadBudget
