@@ -24,6 +24,11 @@ from contextlib import contextmanager
 import torch
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
+
+
 def single_threaded_torch() -> None:
     """Initializer for helper threads: their torch ops never start an OpenMP team."""
     _set_after_init(1)
@@ -50,7 +55,7 @@ class ComputeThreadBudget:
     """
 
     def __init__(self, num_cpus: int | None = None) -> None:
-        self.num_cpus = num_cpus or len(os.sched_getaffinity(0))
+        self.num_cpus = num_cpus or available_cpus()
 
     def threads_for(self, num_threads: int, num_busy: int) -> int:
         return max(1, min(num_threads, self.num_cpus - num_busy))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from mixserve.model.dtypes import torch_dtype
 from mixserve.runner import ModelRunner
 from mixserve.runner.kv_cache import num_blocks_for_budget
 from mixserve.scheduler import BlockManager, Scheduler
-from mixserve.torch_threads import ComputeThreadBudget
+from mixserve.torch_threads import ComputeThreadBudget, available_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def _num_load_workers(config: AdapterPoolConfig, device: torch.device) -> int:
     running beside them give up as many threads (ComputeThreadBudget)."""
     if device.type != "cpu":
         return config.max_load_workers
-    return max(1, min(config.max_load_workers, len(os.sched_getaffinity(0)) // 2))
+    return max(1, min(config.max_load_workers, available_cpus() // 2))
 
 
 def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None) -> BuiltEngine:
