@@ -1,4 +1,4 @@
-"""moe_lora_ffn (MixLoRA whole-FFN experts): both strategies vs a float64 per-row loop."""
+"""moe_lora_ffn (MixLoRA whole-FFN experts): each strategy vs a float64 per-row loop."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _case(seed, *, tokens, slots_used, num_slots, experts, k, dtype, one_slot=Fa
     return x, gate_up, rows, slots, weights, gate, up, down
 
 
-@pytest.mark.parametrize("strategy", ["sparse", "dense", "pairs", "auto"])
+@pytest.mark.parametrize("strategy", ["sparse", "pairs", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("tokens", "slots_used", "experts", "k", "one_slot"),
@@ -106,9 +106,9 @@ def test_strategies_agree_and_wrapper_dispatches():
         3, tokens=32, slots_used=[0, 2, 4], num_slots=6, experts=8, k=2, dtype=torch.float32
     )
     sparse = reference.moe_lora_ffn(*case, F.silu, strategy="sparse")
-    dense = reference.moe_lora_ffn(*case, F.silu, strategy="dense")
+    by_pair = reference.moe_lora_ffn(*case, F.silu, strategy="pairs")
     public = moe_lora_ffn(*case, F.silu)
-    for a, b, c in zip(sparse, dense, public, strict=True):
+    for a, b, c in zip(sparse, by_pair, public, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
@@ -132,13 +132,13 @@ def test_reference_stays_torch_when_triton_is_forced(monkeypatch):
     expected = reference.moe_lora_ffn(*case, F.silu, strategy="sparse")
     monkeypatch.setenv("MIXSERVE_KERNELS", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for strategy in ("sparse", "dense", "pairs"):
+    for strategy in ("sparse", "pairs"):
         got = reference.moe_lora_ffn(*case, F.silu, strategy=strategy)
         for a, b in zip(got, expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["sparse", "dense", "pairs", "auto"])
+@pytest.mark.parametrize("strategy", ["sparse", "pairs", "auto"])
 def test_rows_without_selected_experts_get_zeros(strategy):
     """A row whose every weight is 0 (or a step where no row selects anything) adds nothing."""
     case = list(
@@ -156,14 +156,14 @@ def test_rows_without_selected_experts_get_zeros(strategy):
 
 
 @pytest.mark.parametrize(
-    ("groups", "pairs", "slot_groups", "max_rows", "rank", "want"),
+    ("groups", "pairs", "slot_groups", "rank", "want"),
     [
-        (60, 66, 128, 2, 8, "pairs"),  # serving decode: ~one row per adapter, E=4, top-2
-        (80, 110, 128, 12, 8, "pairs"),  # zipf decode: one popular slot, many singletons
-        (64, 128, 64, 8, 16, "dense"),  # 8 adapters x 8 rows: each expert has ~2 pairs
-        (40, 512, 64, 63, 16, "sparse"),  # a prefill step: many rows per expert
+        (60, 66, 128, 8, "pairs"),  # serving decode: ~one row per adapter, E=4, top-2
+        (80, 110, 128, 8, "pairs"),  # zipf decode: one popular slot, many singletons
+        (64, 128, 64, 16, "sparse"),  # 8 adapters x 8 rows: each expert has ~2 pairs
+        (40, 512, 64, 16, "sparse"),  # a prefill step: many rows per expert
     ],
 )
-def test_auto_strategy_by_shape(groups, pairs, slot_groups, max_rows, rank, want):
+def test_auto_strategy_by_shape(groups, pairs, slot_groups, rank, want):
     """The cost model's picks in the regimes it was fitted on (Intel Xeon, SmolLM2 sizes)."""
-    assert reference._cheapest(groups, pairs, slot_groups, max_rows, rank, 576, 1536) == want
+    assert reference._cheapest(groups, pairs, slot_groups, rank, 576, 1536) == want

@@ -1,0 +1,84 @@
+"""The pairs strategy of the MixLoRA expert reference (see reference.py): per selected (row,
+expert) pair, so only the selected experts' B and down A are read.
+
+Gate/up A of every expert of a routed row's slot is applied in one batched GEMM over the rows
+padded by slot (few rows per slot in the steps that take this strategy); the B products are
+rank-row bags (rank_bags.py); down A is gathered per pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+# References only, never dispatching wrappers (see reference.py).
+from mixserve.kernels._grouped import PaddedGroups
+from mixserve.kernels._measured import fastest
+from mixserve.kernels.moe_lora_ffn.rank_bags import bag_expand, pair_offsets, rank_bag_ids
+
+if TYPE_CHECKING:
+    from mixserve.kernels.moe_lora_ffn import ExpertLora
+
+Act = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _slot_shrink(lora: ExpertLora, x_pad: torch.Tensor, sl: slice) -> torch.Tensor:
+    """x_pad [S, M, H] (rows padded by slot) against every expert's A of those slots: [S, M, E*R],
+    by whichever GEMM layout this machine runs faster (see _measured)."""
+    num_slots, max_rows, hidden_size = x_pad.shape
+    a = lora.lora_a[sl].reshape(num_slots, -1, hidden_size)  # [S, E*R, H]
+    return fastest(
+        ("moe_slot_shrink", x_pad.device.type, x_pad.dtype, num_slots, max_rows, a.shape[1:]),
+        (
+            lambda: torch.bmm(a, x_pad.transpose(1, 2)).transpose(1, 2),
+            lambda: torch.bmm(x_pad, a.transpose(1, 2)),
+        ),
+    )
+
+
+def pairs(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    gate: ExpertLora,
+    up: ExpertLora,
+    down: ExpertLora,
+    act: Act,
+    by_slot: PaddedGroups,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_rows, num_experts = weights.shape
+    intermediate = gate_up.shape[1] // 2
+    sl = slice(by_slot.group_lo, by_slot.group_lo + by_slot.num_groups)
+    selected = weights > 0
+    pair_rows, experts = torch.nonzero(selected, as_tuple=True)  # [P], in row order
+    num_pairs = pair_rows.shape[0]
+    group_ids = slots.index_select(0, pair_rows) * num_experts + experts  # [P]
+    # each pair's rank values among the [S * M * E] (row, expert) entries of _slot_shrink
+    shrunk_index = by_slot.flat_pos.index_select(0, pair_rows) * num_experts + experts
+    x_pad = by_slot.pad(x.index_select(0, rows))  # [S, M, H]
+    gate_up_p = gate_up.index_select(0, rows.index_select(0, pair_rows))  # [P, 2I]
+
+    def expert_out(lora: ExpertLora, base: torch.Tensor) -> torch.Tensor:  # [P, I]
+        rank = lora.lora_a.shape[2]
+        coef = _slot_shrink(lora, x_pad, sl).reshape(-1, rank).index_select(0, shrunk_index)
+        coef.mul_(lora.scale.index_select(0, group_ids).to(x.dtype)[:, None])  # [P, R]
+        bags = pair_offsets(num_pairs, rank, x.device)
+        return bag_expand(coef, lora, rank_bag_ids(group_ids, rank), bags).add_(base)
+
+    g = expert_out(gate, gate_up_p[:, :intermediate])
+    u = expert_out(up, gate_up_p[:, intermediate:])
+    pair_weights = weights[pair_rows, experts].to(x.dtype)
+    h = act(g).mul_(u).mul_(pair_weights[:, None])  # [P, I], w h_e (the down LoRA is linear)
+    hidden = x.new_zeros(num_rows, intermediate).index_add_(0, pair_rows, h)
+    a = down.lora_a.flatten(0, 1).index_select(0, group_ids)  # [P, R, I]
+    shrunk = torch.bmm(a, h[:, :, None]).squeeze(-1)  # [P, R]
+    shrunk.mul_(down.scale.index_select(0, group_ids).to(x.dtype)[:, None])
+    # one bag per row (pairs are in row order), so the bag sum adds up the row's experts
+    rank = down.lora_a.shape[2]
+    pairs_per_row = selected.sum(1)
+    row_bags = (pairs_per_row.cumsum(0) - pairs_per_row) * rank
+    return hidden, bag_expand(shrunk, down, rank_bag_ids(group_ids, rank), row_bags)
