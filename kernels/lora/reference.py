@@ -17,6 +17,7 @@ from mixserve.kernels._grouped import (
     grouped_matmul,
     padded_groups,
 )
+from mixserve.kernels._rank_bags import bag_expand, pair_offsets, rank_bag_ids
 from mixserve.kernels.assignments.segments import Segments
 
 
@@ -53,7 +54,12 @@ def lora_expand(
     if count == 0:
         return
     scaled = s[:count] * coef[:count].to(s.dtype)[:, None]
-    delta = grouped_matmul(scaled, lora_b.transpose(1, 2), segments.group_ids)  # [P, N_out]
+    if lora_b.mT.is_contiguous():  # the pool's layout: rank-row bags, no GEMM call per group
+        rank = lora_b.shape[2]
+        bag_ids = rank_bag_ids(segments.group_ids, rank)
+        delta = bag_expand(scaled, lora_b, bag_ids, pair_offsets(count, rank, s.device))
+    else:
+        delta = grouped_matmul(scaled, lora_b.transpose(1, 2), segments.group_ids)  # [P, N_out]
     if scatter_rows:
         out.index_add_(0, segments.row_ids, delta.to(out.dtype))
     else:

@@ -3,7 +3,7 @@ expert) pair, so only the selected experts' B and down A are read.
 
 Gate/up A of every expert of a routed row's slot is applied in one batched GEMM over the rows
 padded by slot (few rows per slot in the steps that take this strategy); the B products are
-rank-row bags (rank_bags.py); down A is gathered per pair.
+rank-row bags (kernels/_rank_bags.py); down A is gathered per pair.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 # References only, never dispatching wrappers (see reference.py).
 from mixserve.kernels._grouped import PaddedGroups
 from mixserve.kernels._measured import fastest
-from mixserve.kernels.moe_lora_ffn.rank_bags import bag_expand, pair_offsets, rank_bag_ids
+from mixserve.kernels._rank_bags import bag_expand, pair_offsets, rank_bag_ids
 
 if TYPE_CHECKING:
     from mixserve.kernels.moe_lora_ffn import ExpertLora
@@ -67,7 +67,7 @@ def pairs(
         coef = _slot_shrink(lora, x_pad, sl).reshape(-1, rank).index_select(0, shrunk_index)
         coef.mul_(lora.scale.index_select(0, group_ids).to(x.dtype)[:, None])  # [P, R]
         bags = pair_offsets(num_pairs, rank, x.device)
-        return bag_expand(coef, lora, rank_bag_ids(group_ids, rank), bags).add_(base)
+        return bag_expand(coef, lora.lora_b, rank_bag_ids(group_ids, rank), bags).add_(base)
 
     g = expert_out(gate, gate_up_p[:, :intermediate])
     u = expert_out(up, gate_up_p[:, intermediate:])
@@ -81,4 +81,4 @@ def pairs(
     rank = down.lora_a.shape[2]
     pairs_per_row = selected.sum(1)
     row_bags = (pairs_per_row.cumsum(0) - pairs_per_row) * rank
-    return hidden, bag_expand(shrunk, down, rank_bag_ids(group_ids, rank), row_bags)
+    return hidden, bag_expand(shrunk, down.lora_b, rank_bag_ids(group_ids, rank), row_bags)

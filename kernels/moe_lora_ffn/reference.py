@@ -1,7 +1,7 @@
 """Pure-torch MixLoRA experts, by whichever of two equivalent strategies is cheaper.
 
-Both expand through rank-row bags (rank_bags.py: only the selected experts' B is read, with no
-call per (slot, expert) group) and run the per-pair FFN on the selected (row, expert) pairs only.
+Both expand through rank-row bags (kernels/_rank_bags.py: only the selected experts' B is read,
+with no call per (slot, expert) group) and run the per-pair FFN on the selected pairs only.
 They differ in the shrinks (x A and h A_down):
 - sparse: assignments sorted into (slot, expert) segments, segmented GEMMs: each group's A is
   read once for all its rows, but each group costs a GEMM call;
@@ -22,11 +22,11 @@ import torch
 # The sub-ops' references, never their dispatching wrappers: this file is the oracle the Triton
 # version is tested against, so it must not turn into Triton when MIXSERVE_KERNELS=triton.
 from mixserve.kernels._grouped import PaddedGroups
+from mixserve.kernels._rank_bags import bag_expand, pair_offsets, rank_bag_ids
 from mixserve.kernels.assignments.reference import build_segments
 from mixserve.kernels.assignments.segments import Segments
 from mixserve.kernels.lora.reference import lora_shrink
 from mixserve.kernels.moe_lora_ffn.pairs import Act, pairs
-from mixserve.kernels.moe_lora_ffn.rank_bags import bag_expand, pair_offsets, rank_bag_ids
 
 if TYPE_CHECKING:
     from mixserve.kernels.moe_lora_ffn import ExpertLora
@@ -54,7 +54,7 @@ def _sparse(
     x_p = x.index_select(0, token_rows)  # [P, H]
     gate_up_p = gate_up.index_select(0, token_rows)  # [P, 2I]
     # Shrinks as segmented GEMMs (each group's A read once for its rows), expands as rank-row
-    # bags (rank_bags.py): no per-group call for the products whose output is I or H wide.
+    # bags (kernels/_rank_bags.py): no per-group call for the products whose output is I or H wide.
     bags: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by rank: ids, one bag per pair
 
     def expand(lora: ExpertLora, rows_p: torch.Tensor) -> torch.Tensor:  # [P, out]
@@ -66,7 +66,7 @@ def _sparse(
             )
         shrunk = lora_shrink(rows_p, lora.lora_a.flatten(0, 1), segments, gather_rows=False)
         shrunk.mul_(lora.scale.index_select(0, group_ids).to(x.dtype)[:, None])  # [P, R]
-        return bag_expand(shrunk, lora, *bags[rank])
+        return bag_expand(shrunk, lora.lora_b, *bags[rank])
 
     g = expand(gate, x_p).add_(gate_up_p[:, :intermediate])
     u = expand(up, x_p).add_(gate_up_p[:, intermediate:])

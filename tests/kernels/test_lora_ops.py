@@ -219,7 +219,16 @@ def test_rows_without_assignments_are_left_alone(dtype):
 
 # lora_apply as it chooses ("apply_auto": padded where the groups are small), and its dense and
 # segmented strategies forced; "shrink_expand" is the two ops called one after the other.
-WHOLE_DELTA_PATHS = ["shrink_expand", "apply_auto", "apply_dense", "apply_segmented"]
+# "_pool_b": B in the adapter pool's storage ([G, R, out] contiguous), which lora_expand's
+# reference reads as rank-row bags instead of per-group GEMMs.
+WHOLE_DELTA_PATHS = [
+    "shrink_expand",
+    "apply_auto",
+    "apply_dense",
+    "apply_segmented",
+    "shrink_expand_pool_b",
+    "apply_segmented_pool_b",
+]
 
 
 def apply_whole_delta(
@@ -227,14 +236,18 @@ def apply_whole_delta(
 ) -> None:
     # Fresh Segments: the shared batch's memo must not carry a padded layout between tests.
     seg = Segments(batch.segments.row_ids, batch.segments.group_ids, batch.segments.weights)
+    lora_b = batch.lora_b
+    if path.endswith("_pool_b"):
+        path, lora_b = path.removesuffix("_pool_b"), lora_b.mT.contiguous().mT
+        assert lora_b.mT.is_contiguous() and torch.equal(lora_b, batch.lora_b)
     if path == "shrink_expand":
-        lora_expand(lora_shrink(batch.x, batch.lora_a, seg), batch.lora_b, seg, batch.coef, out)
+        lora_expand(lora_shrink(batch.x, batch.lora_a, seg), lora_b, seg, batch.coef, out)
         return
     if path != "apply_auto":
         dense = path == "apply_dense"
         monkeypatch.setattr(reference, "padded_groups", lambda group_ids: None)
         monkeypatch.setattr(reference, "dense_range_is_cheaper", lambda *args: dense)
-    assert lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, batch.coef, out) is None
+    assert lora_apply(batch.x, batch.lora_a, lora_b, seg, batch.coef, out) is None
 
 
 @pytest.mark.parametrize(("scenario", "dtype"), CASES)
