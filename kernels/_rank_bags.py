@@ -19,15 +19,25 @@ def rank_rows(lora_b: torch.Tensor) -> torch.Tensor:
     return lora_b.mT.reshape(-1, lora_b.shape[-2])
 
 
-def rank_bag_ids(group_ids: torch.Tensor, rank: int) -> torch.Tensor:
-    """[P * R]: the R rank rows of each assignment's group, assignment by assignment."""
-    offsets = torch.arange(rank, device=group_ids.device)
-    return (group_ids[:, None] * rank + offsets).flatten()
+class RankBags:
+    """Bag indices for one list of assignments (group_ids [P]), built once per rank and shared
+    by every projection that expands the same assignments."""
 
+    def __init__(self, group_ids: torch.Tensor) -> None:
+        self.group_ids = group_ids
+        self._ids: dict[int, torch.Tensor] = {}
 
-def pair_offsets(num_pairs: int, rank: int, device: torch.device) -> torch.Tensor:
-    """[P]: one bag per assignment."""
-    return torch.arange(0, num_pairs * rank, rank, device=device)
+    def ids(self, rank: int) -> torch.Tensor:
+        """[P * R]: the R rank rows of each assignment's group, assignment by assignment."""
+        if rank not in self._ids:
+            offsets = torch.arange(rank, device=self.group_ids.device)
+            self._ids[rank] = (self.group_ids[:, None] * rank + offsets).flatten()
+        return self._ids[rank]
+
+    def per_assignment(self, rank: int) -> torch.Tensor:
+        """[P] offsets: one bag per assignment."""
+        count = self.group_ids.shape[0]
+        return torch.arange(0, count * rank, rank, device=self.group_ids.device)
 
 
 def bag_expand(

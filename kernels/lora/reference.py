@@ -17,7 +17,7 @@ from mixserve.kernels._grouped import (
     grouped_matmul,
     padded_groups,
 )
-from mixserve.kernels._rank_bags import bag_expand, pair_offsets, rank_bag_ids
+from mixserve.kernels._rank_bags import RankBags, bag_expand
 from mixserve.kernels.assignments.segments import Segments
 
 
@@ -55,9 +55,8 @@ def lora_expand(
         return
     scaled = s[:count] * coef[:count].to(s.dtype)[:, None]
     if lora_b.mT.is_contiguous():  # the pool's layout: rank-row bags, no GEMM call per group
-        rank = lora_b.shape[2]
-        bag_ids = rank_bag_ids(segments.group_ids, rank)
-        delta = bag_expand(scaled, lora_b, bag_ids, pair_offsets(count, rank, s.device))
+        rank, bags = lora_b.shape[2], RankBags(segments.group_ids)
+        delta = bag_expand(scaled, lora_b, bags.ids(rank), bags.per_assignment(rank))
     else:
         delta = grouped_matmul(scaled, lora_b.transpose(1, 2), segments.group_ids)  # [P, N_out]
     if scatter_rows:

@@ -16,7 +16,7 @@ import torch
 # References only, never dispatching wrappers (see reference.py).
 from mixserve.kernels._grouped import PaddedGroups
 from mixserve.kernels._measured import fastest
-from mixserve.kernels._rank_bags import bag_expand, pair_offsets, rank_bag_ids
+from mixserve.kernels._rank_bags import RankBags, bag_expand
 
 if TYPE_CHECKING:
     from mixserve.kernels.moe_lora_ffn import ExpertLora
@@ -42,21 +42,21 @@ def pairs(
     x: torch.Tensor,
     gate_up: torch.Tensor,
     rows: torch.Tensor,
-    slots: torch.Tensor,
     weights: torch.Tensor,
+    pair_rows: torch.Tensor,
+    experts: torch.Tensor,
+    group_ids: torch.Tensor,
     gate: ExpertLora,
     up: ExpertLora,
     down: ExpertLora,
     act: Act,
     by_slot: PaddedGroups,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected pairs in row order: pair_rows, experts, group_ids [P] (slot * E + expert)."""
     num_rows, num_experts = weights.shape
     intermediate = gate_up.shape[1] // 2
     sl = slice(by_slot.group_lo, by_slot.group_lo + by_slot.num_groups)
-    selected = weights > 0
-    pair_rows, experts = torch.nonzero(selected, as_tuple=True)  # [P], in row order
-    num_pairs = pair_rows.shape[0]
-    group_ids = slots.index_select(0, pair_rows) * num_experts + experts  # [P]
+    bags = RankBags(group_ids)
     # each pair's rank values among the [S * M * E] (row, expert) entries of _slot_shrink
     shrunk_index = by_slot.flat_pos.index_select(0, pair_rows) * num_experts + experts
     x_pad = by_slot.pad(x.index_select(0, rows))  # [S, M, H]
@@ -66,8 +66,7 @@ def pairs(
         rank = lora.lora_a.shape[2]
         coef = _slot_shrink(lora, x_pad, sl).reshape(-1, rank).index_select(0, shrunk_index)
         coef.mul_(lora.scale.index_select(0, group_ids).to(x.dtype)[:, None])  # [P, R]
-        bags = pair_offsets(num_pairs, rank, x.device)
-        return bag_expand(coef, lora.lora_b, rank_bag_ids(group_ids, rank), bags).add_(base)
+        return bag_expand(coef, lora.lora_b, bags.ids(rank), bags.per_assignment(rank)).add_(base)
 
     g = expert_out(gate, gate_up_p[:, :intermediate])
     u = expert_out(up, gate_up_p[:, intermediate:])
@@ -79,6 +78,6 @@ def pairs(
     shrunk.mul_(down.scale.index_select(0, group_ids).to(x.dtype)[:, None])
     # one bag per row (pairs are in row order), so the bag sum adds up the row's experts
     rank = down.lora_a.shape[2]
-    pairs_per_row = selected.sum(1)
+    pairs_per_row = torch.bincount(pair_rows, minlength=num_rows)
     row_bags = (pairs_per_row.cumsum(0) - pairs_per_row) * rank
-    return hidden, bag_expand(shrunk, down.lora_b, rank_bag_ids(group_ids, rank), row_bags)
+    return hidden, bag_expand(shrunk, down.lora_b, bags.ids(rank), row_bags)

@@ -22,8 +22,7 @@ import torch
 # The sub-ops' references, never their dispatching wrappers: this file is the oracle the Triton
 # version is tested against, so it must not turn into Triton when MIXSERVE_KERNELS=triton.
 from mixserve.kernels._grouped import PaddedGroups
-from mixserve.kernels._rank_bags import bag_expand, pair_offsets, rank_bag_ids
-from mixserve.kernels.assignments.reference import build_segments
+from mixserve.kernels._rank_bags import RankBags, bag_expand
 from mixserve.kernels.assignments.segments import Segments
 from mixserve.kernels.lora.reference import lora_shrink
 from mixserve.kernels.moe_lora_ffn.pairs import Act, pairs
@@ -55,18 +54,13 @@ def _sparse(
     gate_up_p = gate_up.index_select(0, token_rows)  # [P, 2I]
     # Shrinks as segmented GEMMs (each group's A read once for its rows), expands as rank-row
     # bags (kernels/_rank_bags.py): no per-group call for the products whose output is I or H wide.
-    bags: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by rank: ids, one bag per pair
+    bags = RankBags(group_ids)
 
     def expand(lora: ExpertLora, rows_p: torch.Tensor) -> torch.Tensor:  # [P, out]
         rank = lora.lora_a.shape[2]
-        if rank not in bags:
-            bags[rank] = (
-                rank_bag_ids(group_ids, rank),
-                pair_offsets(group_ids.shape[0], rank, x.device),
-            )
         shrunk = lora_shrink(rows_p, lora.lora_a.flatten(0, 1), segments, gather_rows=False)
         shrunk.mul_(lora.scale.index_select(0, group_ids).to(x.dtype)[:, None])  # [P, R]
-        return bag_expand(shrunk, lora.lora_b, *bags[rank])
+        return bag_expand(shrunk, lora.lora_b, bags.ids(rank), bags.per_assignment(rank))
 
     g = expand(gate, x_p).add_(gate_up_p[:, :intermediate])
     u = expand(up, x_p).add_(gate_up_p[:, intermediate:])
@@ -98,26 +92,33 @@ def moe_lora_ffn(
     intermediate = gate_up.shape[1] // 2
     if num_rows == 0:
         return x.new_zeros(0, intermediate), x.new_zeros(0, x.shape[1])
-    # The selected (row, expert) pairs, sorted by (slot, expert) group; rows index into rows.
-    segments = build_segments(weights, torch.arange(num_rows, device=x.device), slots, num_experts)
-    num_assignments = segments.row_ids.shape[0]
+    # The selected (row, expert) pairs in row order; rows index into rows.
+    pair_rows, experts = torch.nonzero(weights > 0, as_tuple=True)  # [P]
+    num_assignments = pair_rows.shape[0]
     if num_assignments == 0:
         return x.new_zeros(num_rows, intermediate), x.new_zeros(num_rows, x.shape[1])
+    group_ids = slots.index_select(0, pair_rows) * num_experts + experts  # [P]
     slot_lo = int(slots.min())
     local_slot = slots - slot_lo  # [N]
     counts = torch.bincount(local_slot)  # [S] rows of each slot of the range
     num_slots = counts.shape[0]
     if strategy == "auto":
-        num_groups = int(torch.unique_consecutive(segments.group_ids).numel())
+        used = torch.bincount(group_ids - slot_lo * num_experts)  # [<= S * E]
         strategy = _cheapest(
-            num_groups,
+            int((used > 0).sum()),
             num_assignments,
             num_slots * num_experts,
             gate.lora_a.shape[2],
             x.shape[1],
             intermediate,
         )
-    if strategy == "sparse":
+    if strategy == "sparse":  # the same pairs, sorted by (slot, expert) group
+        order = torch.argsort(group_ids, stable=True)
+        segments = Segments(
+            row_ids=pair_rows[order],
+            group_ids=group_ids[order],
+            weights=weights[pair_rows, experts].to(torch.float32)[order],
+        )
         return _sparse(x, gate_up, rows, segments, gate, up, down, act)
     max_rows = int(counts.max())
     order = torch.argsort(local_slot, stable=True)
@@ -125,7 +126,9 @@ def moe_lora_ffn(
     row_pos = torch.empty_like(order)  # [N] each row's place within its slot
     row_pos[order] = torch.arange(num_rows, device=x.device) - starts[local_slot[order]]
     rows_by_slot = PaddedGroups(slot_lo, 1, num_slots, max_rows, local_slot * max_rows + row_pos)
-    return pairs(x, gate_up, rows, slots, weights, gate, up, down, act, rows_by_slot)
+    return pairs(
+        x, gate_up, rows, weights, pair_rows, experts, group_ids, gate, up, down, act, rows_by_slot
+    )
 
 
 def _cheapest(

@@ -160,8 +160,8 @@ class AdapterPool:
         whole (every expert, the full rank) keeps them: zeroing ~28 MB first doubles a load."""
         for proj, stack in self._sites.items():
             site = overwritten_by.sites.get(proj) if overwritten_by is not None else None
-            num_experts, rank = stack.lora_a.shape[2], stack.lora_a.shape[3]
-            if site is None or (site.num_experts, site.rank) != (num_experts, rank):
+            full = (stack.num_experts, int(stack.lora_a.shape[3]))  # every expert, the pool rank
+            if site is None or (site.num_experts, site.rank) != full:
                 stack.lora_a[:, slot].zero_()
                 stack.lora_b[:, slot].zero_()
             experts = stack.num_experts
