@@ -205,6 +205,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _add(limits, "--max-model-len", "MIXSERVE_MAX_MODEL_LEN", type=int, help="prompt + output")
     _add(
         limits,
+        "--max-adapter-bypass",
+        "MIXSERVE_MAX_ADAPTER_BYPASS",
+        type=int,
+        default=64,
+        help="later requests of resident adapters that may pass one the adapter cap holds back",
+    )
+    _add(
+        limits,
         "--max-prompt-tokens",
         "MIXSERVE_MAX_PROMPT_TOKENS",
         type=int,
@@ -270,6 +278,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
+            max_adapter_bypass=args.max_adapter_bypass,
         ),
         adapters=AdapterPoolConfig(
             max_lora_rank=args.max_lora_rank,

@@ -59,8 +59,15 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # running sequences per step
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     max_model_len: int | None = None  # prompt + output tokens; None = the model's limit
+    # A waiting request held back only by the per-step adapter cap may be passed by at most
+    # this many later requests whose adapter is already in the step (0 = strict FCFS). Batching
+    # more sequences per resident adapter is most of many-adapter throughput; the bound keeps
+    # the held-back request from starving.
+    max_adapter_bypass: int = 64
 
     def __post_init__(self) -> None:
+        if self.max_adapter_bypass < 0:
+            raise ValueError("max_adapter_bypass must be >= 0")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:

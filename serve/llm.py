@@ -51,6 +51,7 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
+        max_adapter_bypass: int = 64,
         max_lora_rank: int = 16,
         max_experts: int = 8,
         max_attn_experts: int = 1,
@@ -64,7 +65,9 @@ class LLM:
             cache=CacheConfig(
                 block_size, kv_cache_memory_bytes, num_kv_blocks, enable_prefix_caching
             ),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+            scheduler=SchedulerConfig(
+                max_num_seqs, max_num_batched_tokens, max_model_len, max_adapter_bypass
+            ),
             adapters=AdapterPoolConfig(
                 max_lora_rank=max_lora_rank,
                 max_experts=max_experts,

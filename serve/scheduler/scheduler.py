@@ -5,8 +5,10 @@ Per step, under a token budget and a cap on running sequences:
    next prefill chunk; when KV blocks run out the lowest-priority running sequence is preempted
    (its blocks freed; it is recomputed later, same output since sampling is keyed on positions);
 2. waiting sequences FCFS, while budget, sequence slots and blocks last. A request whose adapter is
-   still loading is skipped without holding up the rest; any other reason to stop admitting (no
-   blocks, adapter cap) stops admission, so nothing is starved by later arrivals.
+   still loading is skipped without holding up the rest. One held back by the adapter cap may be
+   passed by later requests of adapters already in the step (more sequences per resident adapter),
+   at most `max_adapter_bypass` times; after that it stops admission like any other reason to stop
+   (no blocks), so nothing is starved by later arrivals.
 Never more distinct adapters in one step than there are adapter slots; the scheduler does not
 know slot numbers, only the cap.
 """
@@ -122,6 +124,7 @@ class Scheduler(RequestQueues):
     ) -> None:
         bs = self.blocks.block_size
         readiness: dict[str, bool] = {}  # asked once per adapter per step
+        held_back: Sequence | None = None  # the oldest sequence the adapter cap holds back
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
@@ -133,7 +136,11 @@ class Scheduler(RequestQueues):
                 if not readiness[adapter]:
                     continue  # still loading: later requests may run meanwhile
             if not self._fits_adapter(adapter, step_adapters):
-                return
+                if held_back is None:
+                    if seq.num_bypassed >= self.config.max_adapter_bypass:
+                        return
+                    held_back = seq
+                continue
             tokens = seq.all_token_ids()
             cached = self.blocks.find_cached_prefix(tokens, request.adapter_key)
             num_cached = len(cached) * bs
@@ -157,6 +164,10 @@ class Scheduler(RequestQueues):
             budget -= num_new
             if adapter is not None:
                 step_adapters.add(adapter)
+            if held_back is not None:
+                held_back.num_bypassed += 1
+                if held_back.num_bypassed >= self.config.max_adapter_bypass:
+                    return
 
     # -- results -------------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class Sequence:
     num_computed_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    num_bypassed: int = 0  # later requests admitted while the adapter cap held this one back
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -12,10 +12,12 @@ from mixserve.types import FinishReason, SamplingParams
 EOS = 96
 
 
-def make(num_blocks=64, block_size=4, max_seqs=8, budget=32, slots=4, caching=True):
+def make(num_blocks=64, block_size=4, max_seqs=8, budget=32, slots=4, caching=True, bypass=64):
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
     sched = Scheduler(
-        SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget),
+        SchedulerConfig(
+            max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_adapter_bypass=bypass
+        ),
         bm,
         max_adapters_per_step=slots,
         eos_token_ids=frozenset({EOS}),
@@ -82,16 +84,48 @@ def test_running_sequence_cap():
     assert max(len(p.sequences) for p in runner.steps) <= 2
 
 
-def test_adapter_cap_per_step_and_fcfs():
-    sched, runner = make(slots=2)
+@pytest.mark.parametrize(
+    ("bypass", "first_ids"),
+    [
+        (0, {"r0", "r1"}),  # strict FCFS: nothing passes r2 ("c"), held back by the cap
+        (1, {"r0", "r1", "r3"}),  # r3 shares "a" with the step and may pass r2, once
+        (64, {"r0", "r1", "r3", "r4"}),  # the base request r4 fits any step; "d" does not
+    ],
+)
+def test_adapter_cap_per_step_and_bounded_bypass(bypass, first_ids):
+    sched, runner = make(slots=2, bypass=bypass)
     for i, adapter in enumerate(["a", "b", "c", "a", None, "d"]):
         sched.add_request(f"r{i}", [i + 1] * 5, GREEDY, adapter, (adapter, 1))
-    run(sched, runner)
+    outputs, _ = run(sched, runner)
     for plan in runner.steps:
         assert len({s.adapter for s in plan.sequences} - {None}) <= 2
-    first_step = {s.adapter for s in runner.steps[0].sequences}
-    # FCFS: r2 ("c") cannot join step 1 (cap), and nothing behind it jumps the queue.
-    assert first_step == {"a", "b"}
+    assert {f"r{s.seq_id}" for s in runner.steps[0].sequences} == first_ids  # ids follow arrival
+    for i in range(6):
+        assert outputs[(f"r{i}", 0)] == expected([i + 1] * 5, 6)
+
+
+def test_held_back_request_is_not_starved_by_a_stream_of_resident_adapters():
+    """Requests for the two resident adapters keep arriving every step; the request for a third
+    adapter is passed at most `bypass` times, then admission waits for it."""
+    bypass = 3
+    sched, runner = make(slots=2, max_seqs=16, bypass=bypass)
+    sched.add_request("a0", [1] * 3, GREEDY, "a", ("a", 1))
+    sched.add_request("b0", [2] * 3, GREEDY, "b", ("b", 1))
+    sched.add_request("c0", [3] * 3, GREEDY, "c", ("c", 1))
+    admitted_before_c = 0
+    for step in range(200):
+        for adapter in "ab":
+            sched.add_request(f"{adapter}{step + 1}", [4] * 3, GREEDY, adapter, (adapter, 1))
+        plan = sched.schedule()
+        ids = {sched.request_id_of(s.seq_id) for s in plan.sequences if s.num_computed_tokens == 0}
+        if "c0" in ids:
+            break
+        admitted_before_c += len(ids - {"a0", "b0"})
+        sched.update(plan, runner.execute(plan))
+        sched.blocks.check_invariants()
+    else:
+        pytest.fail("the request for adapter c was starved")
+    assert admitted_before_c == bypass
 
 
 def test_loading_adapter_waits_without_holding_up_others():
