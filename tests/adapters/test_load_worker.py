@@ -60,9 +60,45 @@ def test_a_worker_process_loads_the_same_weights(tmp_path, arch, process_loader,
     assert_same_weights(process_loader("a", path, arch), load_adapter("a", path, arch))
 
 
-def test_pack_and_unpack_keep_every_tensor(tmp_path, arch):
+@pytest.mark.parametrize("through", ["pipe", "exchange_file", "missing_folder"])
+def test_pack_and_unpack_keep_every_tensor(tmp_path, arch, through):
     weights = load_adapter("a", write(tmp_path, "a", "mola", seed=1), arch)
-    assert_same_weights(unpack_weights(pickle.loads(pickle.dumps(pack_weights(weights)))), weights)
+    folder = {"pipe": None, "exchange_file": tmp_path / "x", "missing_folder": tmp_path / "gone"}
+    if through == "exchange_file":
+        folder[through].mkdir()
+    packed = pickle.loads(pickle.dumps(pack_weights(weights, folder[through])))
+    # Without a folder that takes the file, the bytes travel in the pickle.
+    assert (packed.exchange_file is not None) == (through == "exchange_file")
+    assert bool(packed.tensors) == (through != "exchange_file")
+    assert_same_weights(unpack_weights(packed), weights)
+    if through == "exchange_file":
+        assert not any(folder[through].iterdir())  # unpacking removes the file
+
+
+def test_loads_leave_no_files_and_close_removes_the_exchange_folder(tmp_path, arch):
+    loader = ProcessLoader(max_workers=1)
+    folder = loader.exchange_dir
+    assert folder is not None and os.path.isdir(folder)
+    try:
+        for i in range(2):
+            path = write(tmp_path, f"a{i}", "mixlora", seed=i)
+            assert_same_weights(loader(f"a{i}", path, arch), load_adapter(f"a{i}", path, arch))
+        assert os.listdir(folder) == []
+    finally:
+        loader.close()
+    assert not os.path.exists(folder)
+
+
+def test_an_unusable_exchange_folder_falls_back_to_the_pipe(tmp_path, arch):
+    loader = ProcessLoader(max_workers=1)
+    try:
+        path = good_adapter(tmp_path)
+        os.rmdir(loader.exchange_dir)
+        os.mkfifo(loader.exchange_dir)  # not a folder: the worker falls back to the pipe
+        assert_same_weights(loader("a", path, arch), load_adapter("a", path, arch))
+    finally:
+        os.unlink(loader.exchange_dir)
+        loader.close()
 
 
 def test_errors_come_back_typed_with_the_same_message(tmp_path, arch, process_loader):
@@ -144,10 +180,11 @@ def test_a_dropped_loader_ends_its_workers(tmp_path, arch):
     loader = ProcessLoader(max_workers=1)
     assert loader("a", good_adapter(tmp_path), arch).name == "a"
     (worker,) = loader._workers
-    proc = worker.proc
+    proc, folder = worker.proc, loader.exchange_dir
     del loader, worker
     gc.collect()
     assert proc.wait(timeout=30) == 0
+    assert not os.path.exists(folder)
 
 
 def test_workers_ignore_ctrl_c_sent_to_the_process_group(tmp_path, arch):
