@@ -5,8 +5,9 @@ with no call per (slot, expert) group) and run the per-pair FFN on the selected 
 They differ in the shrinks (x A and h A_down):
 - sparse: assignments sorted into (slot, expert) segments, segmented GEMMs: each group's A is
   read once for all its rows, but each group costs a GEMM call;
-- pairs (pairs.py): gate/up A of every expert of a slot in one batched GEMM over the rows padded
-  by slot, down A gathered per pair: no per-group calls, but no reuse between pairs of a group.
+- pairs (pairs.py): every expert's A of a slot in one batched GEMM over the rows (gate/up) or
+  pairs (down) padded by slot: no per-group calls, but the unselected experts' products are
+  computed and B is not reused between pairs of a group.
 Pairs pays where most groups have one pair (decode steps over many adapters); sparse elsewhere.
 (A third strategy, every expert's delta of a slot with batched GEMMs, lost to both once the
 expands became bags, and was removed: see bench/RESULTS.md, session 13.)
@@ -30,10 +31,11 @@ from mixserve.kernels.moe_lora_ffn.pairs import Act, pairs
 if TYPE_CHECKING:
     from mixserve.kernels.moe_lora_ffn import ExpertLora
 
-# Rough CPU costs (fitted on Intel Xeon, 2026-12): one group's GEMM call in a segmented shrink;
+# Rough CPU costs, fitted on Intel Xeon (2 vCPU, 2026-12-04) to the time difference of the two
+# strategies over six decode and prefill shapes: one group's GEMM call in a segmented shrink;
 # one float pairs moves beyond what sparse does.
-_GROUP_COST = 5e-6
-_PAIRS_FLOAT_COST = 0.1e-9
+_GROUP_COST = 8e-6
+_PAIRS_FLOAT_COST = 0.13e-9
 
 
 def _sparse(
@@ -143,10 +145,11 @@ def _cheapest(
     num_slot_groups = S * E groups of the slots they use.
 
     Both run the same per-pair FFN and bag expands. Sparse pays its three shrinks' per-group
-    GEMM calls; pairs reads every expert's gate/up A of the slots, its pairs' B without reuse
-    between pairs of one expert, and gathers down A per pair (read, written, read again)."""
+    GEMM calls; pairs reads every expert's A of the slots, its pairs' B without reuse between
+    pairs of one expert, and pads the pairs' hidden rows by slot (written, read again)."""
     sparse = 3 * num_groups * _GROUP_COST
-    pairs_floats = num_slot_groups * rank * 2 * hidden_size + num_pairs * rank * (
-        5 * intermediate + hidden_size
+    slot_a = num_slot_groups * rank * (2 * hidden_size + intermediate)
+    pairs_floats = (
+        slot_a + num_pairs * rank * (2 * intermediate + hidden_size) + 2 * num_pairs * intermediate
     )
     return "pairs" if pairs_floats * _PAIRS_FLOAT_COST < sparse else "sparse"
