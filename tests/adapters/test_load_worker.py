@@ -23,8 +23,7 @@ from mixserve.adapters import (
     load_adapter,
 )
 from mixserve.adapters.errors import BaseModelMismatchError
-from mixserve.adapters.exchange import ExchangeBuffer, pack_weights, unpack_weights
-from mixserve.adapters.load_worker import ProcessLoader
+from mixserve.adapters.load_worker import ProcessLoader, pack_weights, unpack_weights
 
 
 class RefusedObject:
@@ -61,47 +60,30 @@ def test_a_worker_process_loads_the_same_weights(tmp_path, arch, process_loader,
     assert_same_weights(process_loader("a", path, arch), load_adapter("a", path, arch))
 
 
-@pytest.mark.parametrize("through", ["pipe", "buffer", "missing_folder"])
+@pytest.mark.parametrize("through", ["pipe", "exchange_file", "missing_folder"])
 def test_pack_and_unpack_keep_every_tensor(tmp_path, arch, through):
     weights = load_adapter("a", write(tmp_path, "a", "mola", seed=1), arch)
-    buffer = None
-    if through != "pipe":
-        folder = tmp_path / ("x" if through == "buffer" else "gone")
-        if through == "buffer":
-            folder.mkdir()
-        buffer = ExchangeBuffer(str(folder / "worker.buf"))
-    packed = pickle.loads(pickle.dumps(pack_weights(weights, buffer)))
-    # Without a buffer that can hold them, the bytes travel in the pickle.
-    assert (packed.buffer_file is not None) == (through == "buffer")
-    assert bool(packed.tensors) == (through != "buffer")
-    got = unpack_weights(packed)
-    assert_same_weights(got, weights)
-    if through == "buffer":  # the engine's copies, not views of the buffer the worker reuses
-        other = load_adapter("b", write(tmp_path, "b", "mola", seed=2), arch)
-        unpack_weights(pack_weights(other, buffer))
-        assert_same_weights(got, weights)
+    folder = {"pipe": None, "exchange_file": tmp_path / "x", "missing_folder": tmp_path / "gone"}
+    if through == "exchange_file":
+        folder[through].mkdir()
+    packed = pickle.loads(pickle.dumps(pack_weights(weights, folder[through])))
+    # Without a folder that takes the file, the bytes travel in the pickle.
+    assert (packed.exchange_file is not None) == (through == "exchange_file")
+    assert bool(packed.tensors) == (through != "exchange_file")
+    assert_same_weights(unpack_weights(packed), weights)
+    if through == "exchange_file":
+        assert not any(folder[through].iterdir())  # unpacking removes the file
 
 
-def test_the_buffer_grows_for_a_larger_adapter_and_is_reused(tmp_path, arch):
-    loader = ProcessLoader(max_workers=1)
-    try:
-        small = write(tmp_path, "small", None, seed=1)  # plain LoRA
-        large = write(tmp_path, "large", "mixlora", seed=2)
-        loaded = [(loader(n, p, arch), p) for n, p in (("s", small), ("l", large), ("s", small))]
-        for got, path in loaded:
-            assert_same_weights(got, load_adapter(got.name, path, arch))
-        (worker,) = loader._workers
-        assert os.listdir(loader.exchange_dir) == [os.path.basename(worker.buffer_file)]
-    finally:
-        loader.close()
-
-
-def test_close_removes_the_exchange_folder(tmp_path, arch):
+def test_loads_leave_no_files_and_close_removes_the_exchange_folder(tmp_path, arch):
     loader = ProcessLoader(max_workers=1)
     folder = loader.exchange_dir
     assert folder is not None and os.path.isdir(folder)
     try:
-        assert loader("a", good_adapter(tmp_path), arch).name == "a"
+        for i in range(2):
+            path = write(tmp_path, f"a{i}", "mixlora", seed=i)
+            assert_same_weights(loader(f"a{i}", path, arch), load_adapter(f"a{i}", path, arch))
+        assert os.listdir(folder) == []
     finally:
         loader.close()
     assert not os.path.exists(folder)
@@ -112,7 +94,7 @@ def test_an_unusable_exchange_folder_falls_back_to_the_pipe(tmp_path, arch):
     try:
         path = good_adapter(tmp_path)
         os.rmdir(loader.exchange_dir)
-        os.mkfifo(loader.exchange_dir)  # not a folder: the worker's buffer cannot be made
+        os.mkfifo(loader.exchange_dir)  # not a folder: the worker falls back to the pipe
         assert_same_weights(loader("a", path, arch), load_adapter("a", path, arch))
     finally:
         os.unlink(loader.exchange_dir)
