@@ -267,14 +267,47 @@ class ProcessLoader:
             self._finalizer()
 
 
-def _make_exchange_dir() -> str | None:
-    """A private folder for the workers' tensor files, on shared memory where there is one."""
-    shm = "/dev/shm"
-    root = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+_EXCHANGE_PREFIX = "mixserve-loads-"
+
+
+def _make_exchange_dir(root: str | None = None) -> str | None:
+    """A private folder for the workers' tensor files, on shared memory where there is one,
+    named after this process so a later loader can remove it if the process is killed."""
+    if root is None:
+        shm = "/dev/shm"
+        root = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+    remove_stale_exchange_dirs(root)
     try:
-        return tempfile.mkdtemp(prefix="mixserve-loads-", dir=root)
+        return tempfile.mkdtemp(prefix=f"{_EXCHANGE_PREFIX}{os.getpid()}-", dir=root)
     except OSError:
         return None  # the pipe carries every load
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
+def remove_stale_exchange_dirs(root: str) -> None:
+    """Remove the exchange folders of loaders whose process is gone: one killed (a Ray replica,
+    SIGKILL) never ran its cleanup, and files on /dev/shm hold memory until a reboot. A folder
+    wrongly taken for stale (a process in another PID namespace sharing /dev/shm) only sends
+    that process's loads through its pipe."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for entry in entries:
+        pid_text = entry.name.removeprefix(_EXCHANGE_PREFIX).split("-", 1)[0]
+        if entry.name.startswith(_EXCHANGE_PREFIX) and pid_text.isdigit():
+            pid = int(pid_text)
+            if pid != os.getpid() and not _process_exists(pid):
+                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _hang_up(workers: list[_Worker], exchange_dir: str | None) -> None:
