@@ -96,6 +96,24 @@ def padded_groups(sorted_group_ids: torch.Tensor) -> PaddedGroups | None:
     )
 
 
+def places_in_groups(
+    group_of: torch.Tensor, counts: torch.Tensor, *, is_sorted: bool = False
+) -> torch.Tensor:
+    """[N] each item's place among the items of its group, in item order.
+
+    group_of [N] int64 local group ids 0..G-1; counts [G] = bincount(group_of); is_sorted: the
+    ids are non-decreasing (no sort needed)."""
+    starts = counts.cumsum(0) - counts  # [G]
+    num_items = group_of.shape[0]
+    local = torch.arange(num_items, device=group_of.device)
+    if is_sorted:
+        return local - starts.index_select(0, group_of)
+    order = torch.argsort(group_of, stable=True)
+    places = torch.empty_like(order)
+    places[order] = local - starts.index_select(0, group_of.index_select(0, order))
+    return places
+
+
 def _padded_from_counts(
     sorted_group_ids: torch.Tensor, group_lo: int, counts: torch.Tensor
 ) -> PaddedGroups | None:
@@ -110,10 +128,7 @@ def _padded_from_counts(
     if len(offsets) * max_rows > max_padded:
         return None
     used_counts = counts.index_select(0, used)
-    starts = used_counts.cumsum(0) - used_counts
-    pos = torch.arange(num_rows, device=sorted_group_ids.device) - torch.repeat_interleave(
-        starts, used_counts
-    )
+    pos = places_in_groups(sorted_group_ids - group_lo, counts, is_sorted=True)
     # The groups of plain LoRA rows are slot * E: stepping by E skips the other experts, and
     # the weights are a strided view. Routed groups are irregular: gather the used ones.
     step = math.gcd(*offsets) or 1

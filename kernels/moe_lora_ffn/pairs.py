@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 # References only, never dispatching wrappers (see reference.py).
-from mixserve.kernels._grouped import PaddedGroups
+from mixserve.kernels._grouped import PaddedGroups, places_in_groups
 from mixserve.kernels._measured import fastest
 from mixserve.kernels._rank_bags import RankBags, bag_expand
 
@@ -61,11 +61,10 @@ def pairs(
     # Pairs padded by slot: K places per row (its most pairs), a pair at its rank among its
     # row's pairs (pairs are in row order).
     pairs_per_row = torch.bincount(pair_rows, minlength=num_rows)  # [N]
-    row_starts = pairs_per_row.cumsum(0) - pairs_per_row
     max_pairs = int(pairs_per_row.max())  # K
     row_place = by_slot.flat_pos.index_select(0, pair_rows)  # [P] in [S * M]
-    pair_place = row_place * max_pairs + (
-        torch.arange(pair_rows.shape[0], device=x.device) - row_starts.index_select(0, pair_rows)
+    pair_place = row_place * max_pairs + places_in_groups(
+        pair_rows, pairs_per_row, is_sorted=True
     )  # [P] in [S * M * K]
     pairs_by_slot = PaddedGroups(
         by_slot.group_lo, 1, by_slot.num_groups, by_slot.max_rows * max_pairs, pair_place
@@ -94,4 +93,5 @@ def pairs(
     shrunk = coefficients(down, pairs_by_slot.pad(h), pair_place)  # [P, R]
     # one bag per row (pairs are in row order), so the bag sum adds up the row's experts
     rank = down.lora_a.shape[2]
+    row_starts = pairs_per_row.cumsum(0) - pairs_per_row
     return hidden, bag_expand(shrunk, down.lora_b, bags.ids(rank), row_starts * rank)

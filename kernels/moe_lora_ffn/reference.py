@@ -22,7 +22,7 @@ import torch
 
 # The sub-ops' references, never their dispatching wrappers: this file is the oracle the Triton
 # version is tested against, so it must not turn into Triton when MIXSERVE_KERNELS=triton.
-from mixserve.kernels._grouped import PaddedGroups
+from mixserve.kernels._grouped import PaddedGroups, places_in_groups
 from mixserve.kernels._rank_bags import RankBags, bag_expand
 from mixserve.kernels.assignments.segments import Segments
 from mixserve.kernels.lora.reference import lora_shrink
@@ -123,10 +123,7 @@ def moe_lora_ffn(
         )
         return _sparse(x, gate_up, rows, segments, gate, up, down, act)
     max_rows = int(counts.max())
-    order = torch.argsort(local_slot, stable=True)
-    starts = counts.cumsum(0) - counts
-    row_pos = torch.empty_like(order)  # [N] each row's place within its slot
-    row_pos[order] = torch.arange(num_rows, device=x.device) - starts[local_slot[order]]
+    row_pos = places_in_groups(local_slot, counts)  # [N] each row's place within its slot
     rows_by_slot = PaddedGroups(slot_lo, 1, num_slots, max_rows, local_slot * max_rows + row_pos)
     return pairs(
         x, gate_up, rows, weights, pair_rows, experts, group_ids, gate, up, down, act, rows_by_slot

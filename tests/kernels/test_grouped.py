@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mixserve.kernels import _grouped
-from mixserve.kernels._grouped import grouped_matmul, segment_matmul
+from mixserve.kernels._grouped import grouped_matmul, places_in_groups, segment_matmul
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 DTYPES = [
@@ -274,3 +274,16 @@ def test_padded_layout_is_a_strided_grid_or_the_used_groups():
     assert used is not None and used.num_groups == 4
     assert used.groups_of(b).flatten().tolist() == [0.0, 7.0, 19.0, 40.0]
     assert _grouped.padded_groups(skewed_ids({0: 9})) is None  # past the rows limit
+
+
+@pytest.mark.parametrize("is_sorted", [True, False])
+def test_places_in_groups_counts_each_group_from_zero_in_item_order(is_sorted):
+    gen = torch.Generator().manual_seed(0)
+    group_of = torch.randint(0, 5, (40,), generator=gen)
+    if is_sorted:
+        group_of = group_of.sort().values
+    places = places_in_groups(group_of, torch.bincount(group_of, minlength=5), is_sorted=is_sorted)
+    seen: dict[int, int] = {}
+    for group, place in zip(group_of.tolist(), places.tolist(), strict=True):
+        assert place == seen.get(group, 0)
+        seen[group] = place + 1
