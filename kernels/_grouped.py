@@ -190,18 +190,28 @@ def _padded_bmm(a: torch.Tensor, b: torch.Tensor, padded: PaddedGroups) -> torch
     return padded.unpad(torch.bmm(padded.pad(a), b_groups))  # [P, N]
 
 
-def segment_matmul(x: torch.Tensor, b: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+def segment_matmul(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    group_range: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """out[i] = x[i] @ b[group_ids[i]] for rows in any order.
 
-    x: [N, K]; b: [G, K, N_out]; group_ids: [N] int64. Returns [N, N_out] in x's dtype.
+    x: [N, K]; b: [G, K, N_out]; group_ids: [N] int64; group_range: (min(group_ids), max - min
+    + 1) where the caller knows it (saves two reductions). Returns [N, N_out] in x's dtype.
     When rows x groups is small (a router over the step's adapters), one GEMM against the whole
     group range and a gather of each row's own group beat sorting into segments.
     """
     num_rows, k, n = x.shape[0], b.shape[1], b.shape[2]
     if num_rows == 0:
         return x.new_zeros((0, n))
-    group_lo = int(group_ids.min())
-    span = int(group_ids.max()) + 1 - group_lo
+    if group_range is None:
+        group_lo = int(group_ids.min())
+        span = int(group_ids.max()) + 1 - group_lo
+    else:
+        group_lo, span = group_range
     if dense_range_is_cheaper(num_rows, span, num_rows, 2 * k * n):
         # [K, span * N_out]: a view when b is the transpose of [G, N_out, K] storage (routers).
         b_range = b[group_lo : group_lo + span].permute(1, 0, 2).reshape(k, span * n)

@@ -27,6 +27,7 @@ def route(
     slot_ids: torch.Tensor,
     router: torch.Tensor,
     params: RoutingParams,
+    memo: dict[str, object] | None = None,
 ) -> torch.Tensor:
     """Routing weights of each row under its slot's router and rule.
 
@@ -36,13 +37,18 @@ def route(
 
     Shapes: x [N, K] (any float dtype); slot_ids [N] int64, every slot routed (rule != NONE);
     router [S, E, K] float32. Returns [N, E] float32.
+
+    memo: an optional dict for calls that share slot_ids and params (every layer of a step): the
+    CPU reference keeps its per-row settings there, built on the first call, so slot_ids and
+    params must not change while it is in use. The Triton version reads each row's settings in
+    the kernel and ignores it.
     """
     if use_triton(x):
         # Imported on first use: triton reads TRITON_INTERPRET when the kernels are defined.
         from mixserve.kernels.routing import triton as triton_impl
 
         return triton_impl.route(x, slot_ids, router, params)
-    return reference.route(x, slot_ids, router, params)
+    return reference.route(x, slot_ids, router, params, memo)
 
 
 __all__ = ["RoutingParams", "RoutingRule", "route"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mixserve.kernels._grouped import segment_matmul
@@ -16,10 +18,10 @@ def _sorted_keep_to_mask(keep_sorted: torch.Tensor, order: torch.Tensor) -> torc
     return mask.scatter(-1, order, keep_sorted)
 
 
-def _top_k(probs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _top_k(probs: torch.Tensor, keep_by_rank: torch.Tensor) -> torch.Tensor:
+    """keep_by_rank [N, E] bool: sorted rank < the row's k."""
     _, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    ranks = torch.arange(probs.shape[-1], device=probs.device)
-    keep = _sorted_keep_to_mask(ranks[None, :] < k[:, None], order)
+    keep = _sorted_keep_to_mask(keep_by_rank, order)
     selected = probs * keep
     return selected / selected.sum(dim=-1, keepdim=True)
 
@@ -86,48 +88,96 @@ def _dynmole(
     return probs * (keep & valid)
 
 
+@dataclass(frozen=True, slots=True)
+class _RowSettings:
+    """What routing needs of each row's slot besides x: the same in every layer of a step."""
+
+    group_range: tuple[int, int]  # (lowest slot, span) of slot_ids
+    valid: torch.Tensor  # [N, E] bool: experts the row's slot has
+    rules: tuple[int, ...]  # the rules present, in RoutingRule order
+    rule_masks: dict[int, torch.Tensor]  # rule -> [N, 1] bool (only when several are present)
+    rows: dict[str, torch.Tensor]  # per-row settings of the present rules, by field name
+    top_k_keep: torch.Tensor | None  # [N, E] bool: sorted ranks below the row's k (TOP_K)
+
+
+_RULE_FIELDS = {
+    _TOP_K: (),
+    _TOP_P: ("top_p", "temperature"),
+    _SWITCH: (),
+    _DENSE: (),
+    _DYNMOLE: (
+        "top_p",
+        "keep_top_k",
+        "num_experts",
+        "entropy_index",
+        "entropy_eps",
+        "entropy_renyi",
+        "entropy_threshold",
+    ),
+}
+
+
+def _row_settings(
+    slot_ids: torch.Tensor, params: RoutingParams, num_experts_max: int
+) -> _RowSettings:
+    slot_lo = int(slot_ids.min())
+    span = int(slot_ids.max()) + 1 - slot_lo
+    ranks = torch.arange(num_experts_max, device=slot_ids.device)
+    valid = ranks[None, :] < params.num_experts[slot_ids][:, None]
+    rule_rows = params.rule[slot_ids]
+    rules = tuple(sorted(set(torch.unique(rule_rows).tolist())))
+    unknown = set(rules) - set(_RULE_FIELDS)
+    if unknown:
+        raise ValueError(f"routing rule(s) {sorted(unknown)} are not routed rules")
+    masks = {r: (rule_rows == r)[:, None] for r in rules} if len(rules) > 1 else {}
+    fields = {name for r in rules for name in _RULE_FIELDS[r]}
+    rows = {name: getattr(params, name)[slot_ids] for name in sorted(fields)}
+    top_k_keep = None
+    if _TOP_K in rules:
+        top_k_keep = ranks[None, :] < params.top_k[slot_ids][:, None]
+    return _RowSettings((slot_lo, span), valid, rules, masks, rows, top_k_keep)
+
+
 def route(
     x: torch.Tensor,
     slot_ids: torch.Tensor,
     router: torch.Tensor,
     params: RoutingParams,
+    memo: dict[str, object] | None = None,
 ) -> torch.Tensor:
+    """memo: see the wrapper; holds the _RowSettings of slot_ids."""
     num_rows, num_experts_max = x.shape[0], router.shape[1]
     if num_rows == 0:
         return torch.zeros((0, num_experts_max), dtype=torch.float32, device=x.device)
-    logits = segment_matmul(x.to(torch.float32), router.transpose(1, 2), slot_ids)  # [N, E]
-    num_experts = params.num_experts[slot_ids]
-    valid = torch.arange(num_experts_max, device=x.device)[None, :] < num_experts[:, None]
-    probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
-    rules = params.rule[slot_ids]
-    weights = torch.zeros_like(probs)
-    present = set(torch.unique(rules).tolist())
-    if _TOP_K in present:
-        weights = torch.where(
-            (rules == _TOP_K)[:, None], _top_k(probs, params.top_k[slot_ids]), weights
-        )
-    if _TOP_P in present:
-        chosen = _top_p(probs, params.top_p[slot_ids], params.temperature[slot_ids])
-        weights = torch.where((rules == _TOP_P)[:, None], chosen, weights)
-    if _SWITCH in present:
-        weights = torch.where((rules == _SWITCH)[:, None], _switch(probs), weights)
-    if _DENSE in present:
-        weights = torch.where((rules == _DENSE)[:, None], probs, weights)
-    if _DYNMOLE in present:
-        rows = {
-            name: getattr(params, name)[slot_ids]
-            for name in (
-                "top_p",
-                "keep_top_k",
-                "num_experts",
-                "entropy_index",
-                "entropy_eps",
-                "entropy_renyi",
-                "entropy_threshold",
+    settings = memo.get("row_settings") if memo is not None else None
+    if not isinstance(settings, _RowSettings):
+        settings = _row_settings(slot_ids, params, num_experts_max)
+        if memo is not None:
+            memo["row_settings"] = settings
+    logits = segment_matmul(
+        x.to(torch.float32), router.transpose(1, 2), slot_ids, group_range=settings.group_range
+    )  # [N, E]
+    valid = settings.valid
+    probs = torch.softmax(logits.masked_fill_(~valid, float("-inf")), dim=-1)
+    rows = settings.rows
+    weights = None
+    for rule in settings.rules:
+        if rule == _TOP_K:
+            assert settings.top_k_keep is not None
+            chosen = _top_k(probs, settings.top_k_keep)
+        elif rule == _TOP_P:
+            chosen = _top_p(probs, rows["top_p"], rows["temperature"])
+        elif rule == _SWITCH:
+            chosen = _switch(probs)
+        elif rule == _DENSE:
+            chosen = probs
+        else:
+            chosen = _dynmole(probs, valid, rows)
+        if weights is None and not settings.rule_masks:
+            weights = chosen  # the step's only rule
+        else:
+            weights = torch.where(
+                settings.rule_masks[rule], chosen, weights if weights is not None else 0.0
             )
-        }
-        weights = torch.where((rules == _DYNMOLE)[:, None], _dynmole(probs, valid, rows), weights)
-    unknown = present - {_TOP_K, _TOP_P, _SWITCH, _DENSE, _DYNMOLE}
-    if unknown:
-        raise ValueError(f"routing rule(s) {sorted(unknown)} are not routed rules")
+    assert weights is not None
     return weights

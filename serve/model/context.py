@@ -8,7 +8,7 @@ files or slots' owners.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +51,8 @@ class SiteBatch:
     plain: Segments | None  # plain-LoRA rows (weight 1, expert 0); the same in every layer
     routed_rows: torch.Tensor | None  # [N] rows whose slot has a router at this site
     routed_slots: torch.Tensor | None  # [N] their slots
+    # route()'s per-step memo for these rows (their routing settings, the same in every layer).
+    routing_memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,7 @@ class FfnBatch:
     rows: torch.Tensor  # [N] token rows, increasing
     slots: torch.Tensor  # [N]
     activations: tuple[tuple[str, torch.Tensor], ...]  # (ACT2FN name, slots using it)
+    routing_memo: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,8 @@ def _mixlora_experts(
     ffn = lora.ffn
     assert ffn is not None and lora.stacks.ffn_router is not None
     router = lora.stacks.ffn_router[layer_idx]
-    weights = route(x.index_select(0, ffn.rows), ffn.slots, router, lora.stacks.routing)  # [N, E]
+    x_rows = x.index_select(0, ffn.rows)
+    weights = route(x_rows, ffn.slots, router, lora.stacks.routing, ffn.routing_memo)  # [N, E]
     count_routed(lora, ffn.slots, weights)
     experts = [
         _expert_lora(lora, site, layer_idx) for site in ("gate_proj", "up_proj", "down_proj")

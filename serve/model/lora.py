@@ -28,6 +28,7 @@ def site_segments(lora: LoraBatch, site: str, layer_idx: int, x: torch.Tensor) -
             batch.routed_slots,
             stack.router[layer_idx],
             lora.stacks.routing,
+            batch.routing_memo,
         )  # [N, E]
         count_routed(lora, batch.routed_slots, weights)
         routed = build_segments(weights, batch.routed_rows, batch.routed_slots, stack.num_experts)

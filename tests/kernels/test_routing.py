@@ -123,3 +123,20 @@ def test_empty_batch():
     params = make_params([SlotConfig(RoutingRule.TOP_K, 4, top_k=2)] * 2)
     got = route(torch.zeros(0, 8), torch.zeros(0, dtype=torch.int64), router, params)
     assert got.shape == (0, 4) and got.dtype == torch.float32
+
+
+@pytest.mark.parametrize("slot_picks", [range(len(MIXED_SLOTS)), [0, 5, 8]])
+def test_a_memo_shared_by_the_layers_of_a_step_gives_each_layer_its_own_routing(slot_picks):
+    """Several layers (different x and routers) over the same rows and one memo: each call
+    equals a call without the memo, and the memo holds the rows' settings after the first."""
+    slots = [MIXED_SLOTS[i] for i in slot_picks]  # all rules, or one rule (TOP_K) alone
+    params = make_params(slots)
+    gen = torch.Generator().manual_seed(92)
+    slot_ids = torch.randint(0, len(slots), (120,), generator=gen)
+    memo: dict[str, object] = {}
+    for layer in range(3):
+        x, router = make_inputs(120, 24, 8, len(slots), seed=93 + layer)
+        want, _ = check_route(x, slot_ids, router, slots)
+        got = route(x, slot_ids, router, params, memo)
+        assert torch.equal(got, want)
+        assert "row_settings" in memo
