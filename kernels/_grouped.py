@@ -1,6 +1,8 @@
 """Segmented (grouped) matrix multiply shared by the torch reference implementations.
 
-Three ways to the same function, picked per call:
+Rows of one group that are consecutive rows of the step (a prefill chunk of one adapter) need no
+gather at all: `row_runs` finds them, and callers run each as plain GEMMs on row slices. For the
+rest, three ways to the same function, picked per call:
 - groups of few rows (at most 8; decode steps: a few rows per adapter), with at most ~4 padding
   rows per real one: the rows padded into [groups, max rows, K] and one batched GEMM
   (`PaddedGroups`, which callers may build once and reuse). On CPU this is 3-6x faster than
@@ -94,6 +96,51 @@ def padded_groups(sorted_group_ids: torch.Tensor) -> PaddedGroups | None:
     return _padded_from_counts(
         sorted_group_ids, group_lo, torch.bincount(sorted_group_ids - group_lo)
     )
+
+
+# A run of consecutive rows in one group as plain GEMMs on row slices: no gather, scatter or
+# padding, and GEMMs big enough to run near peak. Below this many rows the per-run calls cost
+# more than the batched strategies' shared ones.
+MIN_RUN_ROWS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class RowRuns:
+    """The long runs of a sorted assignment list: assignments p_lo .. p_lo + (row_hi - row_lo)
+    - 1 read rows row_lo .. row_hi - 1 in order, all in one group."""
+
+    runs: tuple[tuple[int, int, int, int], ...]  # (row_lo, row_hi, p_lo, group)
+    rest: torch.Tensor | None  # [P'] int64 the assignments outside every run (None: no rest)
+
+
+def row_runs(
+    row_ids: torch.Tensor, group_ids: torch.Tensor, min_rows: int = MIN_RUN_ROWS
+) -> RowRuns | None:
+    """The runs of at least min_rows assignments whose rows are consecutive in one group, or
+    None where there are none. row_ids, group_ids [P] int64, sorted by group."""
+    num_assignments = row_ids.shape[0]
+    if num_assignments < min_rows:
+        return None
+    starts_run = torch.ones(num_assignments, dtype=torch.bool, device=row_ids.device)
+    starts_run[1:] = (row_ids[1:] != row_ids[:-1] + 1) | (group_ids[1:] != group_ids[:-1])
+    starts = torch.nonzero(starts_run, as_tuple=True)[0]  # [U]
+    lengths = torch.diff(starts, append=starts.new_tensor([num_assignments]))  # [U]
+    is_long = lengths >= min_rows
+    long_starts = starts[is_long]
+    if long_starts.shape[0] == 0:
+        return None
+    runs = tuple(
+        (row, row + length, p_lo, group)
+        for p_lo, length, row, group in zip(
+            long_starts.tolist(),
+            lengths[is_long].tolist(),
+            row_ids.index_select(0, long_starts).tolist(),
+            group_ids.index_select(0, long_starts).tolist(),
+            strict=True,
+        )
+    )
+    rest = torch.nonzero(~is_long.repeat_interleave(lengths), as_tuple=True)[0]
+    return RowRuns(runs, rest if rest.shape[0] else None)
 
 
 def places_in_groups(

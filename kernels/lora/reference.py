@@ -13,9 +13,11 @@ import torch
 
 from mixserve.kernels._grouped import (
     PaddedGroups,
+    RowRuns,
     dense_range_is_cheaper,
     grouped_matmul,
     padded_groups,
+    row_runs,
 )
 from mixserve.kernels._rank_bags import RankBags, bag_expand
 from mixserve.kernels.assignments.segments import Segments
@@ -65,11 +67,53 @@ def lora_expand(
         out[:count] += delta.to(out.dtype)
 
 
-def _padded_layout(segments: Segments) -> PaddedGroups | None:
-    """padded_groups of the (trimmed) segments, built once per Segments."""
+def _padded_layout(segments: Segments) -> tuple[PaddedGroups, torch.Tensor] | None:
+    """padded_groups of the (trimmed) segments and, for each of its U * M places, the row it
+    reads and adds to, built once per Segments. A padding place takes the first assignment's
+    row: its coef is 0, so it adds zeros to that row (non-finite x there already makes the
+    row's own delta non-finite)."""
     if "padded" not in segments.memo:
-        segments.memo["padded"] = padded_groups(segments.group_ids)
-    return cast("PaddedGroups | None", segments.memo["padded"])
+        padded = padded_groups(segments.group_ids)
+        layout = None
+        if padded is not None:
+            place_rows = segments.row_ids[:1].repeat(padded.num_groups * padded.max_rows)
+            layout = (padded, place_rows.index_copy_(0, padded.flat_pos, segments.row_ids))
+        segments.memo["padded"] = layout
+    return cast("tuple[PaddedGroups, torch.Tensor] | None", segments.memo["padded"])
+
+
+def _runs_layout(segments: Segments) -> tuple[RowRuns, Segments | None] | None:
+    """row_runs of the (trimmed) segments and the Segments of the rest, built once per
+    Segments (so the rest's own layouts are too)."""
+    if "runs" not in segments.memo:
+        runs = row_runs(segments.row_ids, segments.group_ids)
+        rest = None
+        if runs is not None and runs.rest is not None:
+            rest = Segments(
+                segments.row_ids.index_select(0, runs.rest),
+                segments.group_ids.index_select(0, runs.rest),
+                segments.weights.index_select(0, runs.rest),
+            )
+        segments.memo["runs"] = None if runs is None else (runs, rest)
+    return cast("tuple[RowRuns, Segments | None] | None", segments.memo["runs"])
+
+
+def _apply_runs(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    runs: RowRuns,
+    coef: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Each run as plain GEMMs on its row slice: out[rows] += (coef * x[rows] A^T) B^T."""
+    for row_lo, row_hi, p_lo, group in runs.runs:
+        s = x[row_lo:row_hi] @ lora_a[group].T  # [n, R]
+        s.mul_(coef[p_lo : p_lo + row_hi - row_lo, None].to(s.dtype))
+        if out.dtype == s.dtype:
+            out[row_lo:row_hi].addmm_(s, lora_b[group].T)
+        else:
+            out[row_lo:row_hi] += (s @ lora_b[group].T).to(out.dtype)
 
 
 def lora_apply(
@@ -80,8 +124,10 @@ def lora_apply(
     coef: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """Shrink then expand, by one of three equivalent strategies.
+    """Shrink then expand, by one of four equivalent strategies.
 
+    - runs: assignments whose rows are consecutive rows of one group (prefill chunks), at least
+      MIN_RUN_ROWS of them, as plain GEMMs on row slices; the rest by one of:
     - padded, whenever the groups have few rows (decode steps): rows padded into [groups, max
       rows] and two batched GEMMs. Its layout is built once per Segments, so the plain-LoRA rows
       of a step pay for it once, not at every layer and site. Otherwise the cheaper of:
@@ -96,13 +142,22 @@ def lora_apply(
     if count == 0:
         return
     coef = coef[:count]  # a padded coef beside padded segments
-    padded = _padded_layout(segments)
-    if padded is not None:
-        rows = padded.pad(x.index_select(0, segments.row_ids))  # [U, M, in]
+    runs = _runs_layout(segments)
+    if runs is not None:
+        _apply_runs(x, lora_a, lora_b, runs[0], coef, out)
+        rest, rest_ids = runs[1], runs[0].rest
+        if rest is None or rest_ids is None:
+            return
+        segments, coef, count = rest, coef.index_select(0, rest_ids), rest_ids.shape[0]
+    layout = _padded_layout(segments)
+    if layout is not None:
+        padded, place_rows = layout
+        shape = (padded.num_groups, padded.max_rows, -1)
+        rows = x.index_select(0, place_rows).view(shape)  # [U, M, in]
         s = torch.bmm(rows, padded.groups_of(lora_a).transpose(1, 2))  # [U, M, R]
-        s.mul_(padded.pad(coef.to(x.dtype)[:, None]))
+        s.mul_(padded.pad(coef.to(x.dtype)[:, None]))  # padding places: 0
         delta = torch.bmm(s, padded.groups_of(lora_b).transpose(1, 2))  # [U, M, out]
-        out.index_add_(0, segments.row_ids, padded.unpad(delta).to(out.dtype))
+        out.index_add_(0, place_rows, delta.view(place_rows.shape[0], -1).to(out.dtype))
         return
     num_rows = x.shape[0]
     rank, in_features = lora_a.shape[1], lora_a.shape[2]

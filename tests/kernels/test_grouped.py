@@ -287,3 +287,19 @@ def test_places_in_groups_counts_each_group_from_zero_in_item_order(is_sorted):
     for group, place in zip(group_of.tolist(), places.tolist(), strict=True):
         assert place == seen.get(group, 0)
         seen[group] = place + 1
+
+
+def test_row_runs_finds_consecutive_rows_of_one_group_and_leaves_the_rest():
+    # group 0: rows 3..7 (a run of 5), then row 9; group 2: rows 0, 1; group 5: rows 10..13
+    # then 14..15 would continue it, but row 20 breaks it.
+    row_ids = torch.tensor([3, 4, 5, 6, 7, 9, 0, 1, 10, 11, 12, 13, 14, 20])
+    group_ids = torch.tensor([0, 0, 0, 0, 0, 0, 2, 2, 5, 5, 5, 5, 5, 5])
+    runs = _grouped.row_runs(row_ids, group_ids, min_rows=4)
+    assert runs is not None
+    # (row_lo, row_hi, first assignment, group)
+    assert runs.runs == ((3, 8, 0, 0), (10, 15, 8, 5))
+    assert runs.rest is not None and runs.rest.tolist() == [5, 6, 7, 13]
+    every = _grouped.row_runs(row_ids[:5], group_ids[:5], min_rows=5)
+    assert every is not None and every.runs == ((3, 8, 0, 0),) and every.rest is None
+    assert _grouped.row_runs(row_ids, group_ids, min_rows=6) is None
+    assert _grouped.row_runs(row_ids[:3], group_ids[:3], min_rows=4) is None

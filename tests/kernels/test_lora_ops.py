@@ -245,6 +245,7 @@ def apply_whole_delta(
         return
     if path != "apply_auto":
         dense = path == "apply_dense"
+        monkeypatch.setattr(reference, "row_runs", lambda row_ids, group_ids: None)
         monkeypatch.setattr(reference, "padded_groups", lambda group_ids: None)
         monkeypatch.setattr(reference, "dense_range_is_cheaper", lambda *args: dense)
     assert lora_apply(batch.x, batch.lora_a, lora_b, seg, batch.coef, out) is None
@@ -293,6 +294,49 @@ def test_lora_apply_into_a_column_slice_touches_only_its_columns(name, dtype, pa
     untouched = torch.ones_like(backing, dtype=torch.bool)
     untouched[:, scenario.out_features + 3 : 2 * scenario.out_features + 3] = False
     assert torch.equal(backing[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_kind", ["accumulate", "column_slice"])
+def test_prefill_chunks_run_as_row_slices_and_the_rest_as_before(dtype, out_kind, monkeypatch):
+    """A mixed step: two adapters' prefill chunks (consecutive rows of one group) plus decode
+    rows of other groups and a short chunk. The chunks of at least MIN_RUN_ROWS rows run as
+    GEMMs on row slices; the rest (one row per group here) take the padded layout; the sum is
+    the routed LoRA delta."""
+    sc = Scenario(1, 6, 4, 40, 24, 1)  # 6 slots x 4 experts, hidden 40, out 24, rank 16
+    gen = torch.Generator().manual_seed(31)
+    lora_a, lora_b, _ = lora_stacks(sc, gen)
+    long_rows = _grouped.MIN_RUN_ROWS
+    # rows: decode of slot 5, a chunk of slot 1, decode of slot 3, a chunk of slot 2, a short
+    # chunk (4 rows) of slot 0, decode of slot 1 (its group again, not next to its chunk)
+    row_groups = (
+        [20] + [4] * long_rows + [12] + [8] * (long_rows + 3) + [0] * 4 + [4]
+    )  # plain LoRA: group = slot * E
+    num_rows = len(row_groups)
+    groups = torch.tensor(row_groups)
+    order = torch.argsort(groups, stable=True)
+    seg = Segments(order, groups[order], torch.ones(num_rows))
+    coef = torch.rand(num_rows, generator=gen) + 0.5
+    x = torch.randn(num_rows, sc.hidden, generator=gen).to(dtype)
+    lora_a, lora_b = lora_a.to(dtype), lora_b.mT.contiguous().mT.to(dtype)  # the pool's layout
+    out, backing = make_out(out_kind, num_rows, sc.out_features, dtype, gen)
+    want = naive_expand(naive_shrink(x, lora_a, seg, True), lora_b, seg, coef, out, True)
+    runs = _grouped.row_runs(seg.row_ids, seg.group_ids)
+    assert runs is not None
+    assert [(lo, hi, g) for lo, hi, _, g in runs.runs] == [
+        (1, 1 + long_rows, 4),
+        (2 + long_rows, 5 + 2 * long_rows, 8),
+    ]
+    padded_rows: list[int] = []
+
+    def padded(group_ids: torch.Tensor) -> object:
+        padded_rows.append(int(group_ids.shape[0]))
+        return _grouped.padded_groups(group_ids)
+
+    monkeypatch.setattr(reference, "padded_groups", padded)
+    lora_apply(x, lora_a, lora_b, seg, coef, out)
+    assert_matches(out, want, dtype)
+    assert padded_rows == [num_rows - (2 * long_rows + 3)]  # the rest: 7 rows
 
 
 def test_lora_apply_runs_decode_steps_dense_and_long_prefills_segmented():
