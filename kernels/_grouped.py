@@ -143,22 +143,14 @@ def row_runs(
     return RowRuns(runs, rest if rest.shape[0] else None)
 
 
-def places_in_groups(
-    group_of: torch.Tensor, counts: torch.Tensor, *, is_sorted: bool = False
-) -> torch.Tensor:
-    """[N] each item's place among the items of its group, in item order.
+def places_in_groups(sorted_group_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[N] each item's place among the items of its group.
 
-    group_of [N] int64 local group ids 0..G-1; counts [G] = bincount(group_of); is_sorted: the
-    ids are non-decreasing (no sort needed)."""
+    sorted_group_of [N] int64 local group ids 0..G-1, non-decreasing; counts [G] =
+    bincount(sorted_group_of)."""
     starts = counts.cumsum(0) - counts  # [G]
-    num_items = group_of.shape[0]
-    local = torch.arange(num_items, device=group_of.device)
-    if is_sorted:
-        return local - starts.index_select(0, group_of)
-    order = torch.argsort(group_of, stable=True)
-    places = torch.empty_like(order)
-    places[order] = local - starts.index_select(0, group_of.index_select(0, order))
-    return places
+    local = torch.arange(sorted_group_of.shape[0], device=sorted_group_of.device)
+    return local - starts.index_select(0, sorted_group_of)
 
 
 def _padded_from_counts(
@@ -175,7 +167,7 @@ def _padded_from_counts(
     if len(offsets) * max_rows > max_padded:
         return None
     used_counts = counts.index_select(0, used)
-    pos = places_in_groups(sorted_group_ids - group_lo, counts, is_sorted=True)
+    pos = places_in_groups(sorted_group_ids - group_lo, counts)
     # The groups of plain LoRA rows are slot * E: stepping by E skips the other experts, and
     # the weights are a strided view. Routed groups are irregular: gather the used ones.
     step = math.gcd(*offsets) or 1

@@ -1,16 +1,40 @@
-"""LoRA B products as weighted sums of B's rank rows (`embedding_bag`), one bag per assignment.
+"""LoRA products as weighted sums of weight rows (`embedding_bag`), one bag per assignment.
 
 The adapter pool stores each B transposed, [.., R, out], so row g * R + j of `rank_rows` is
 column j of group g's B (g = slot * E + expert), and ``B_g c = sum_j c[j] B_g[:, j]`` is one bag of
-R rows weighted by c. Only the groups in use are read, in one call whatever their number: on CPU
-that beats a GEMM per group, whose fixed cost dominates rank-8/16 products (the MoE FFN reference
-and lora_expand's reference use it; bench/RESULTS.md, session 13).
+R rows weighted by c. Likewise A is stored [.., in, R], so ``A_g x = sum_h x[h] A_g[:, h]`` is one
+bag of `in` rows of R values weighted by x (`bag_shrink`). Only the groups in use are read, in one
+call whatever their number: on CPU that beats a GEMM per group, whose fixed cost dominates rank-8/16
+products, as long as each group has few assignments (the bags read a group's weights once per
+assignment). The MoE FFN reference and lora_expand's reference use them; bench/RESULTS.md,
+sessions 13 and 15.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# Bags read a group's weights once per assignment, a GEMM once per group: past this many
+# assignments per group the GEMM per group is the cheaper (measured on CPU, 2026-12-05: a shrink
+# of 512 assignments over 40 groups ran as fast either way at in = 576, 1.4x faster as GEMMs at
+# in = 1536; 64-256 assignments over 64-250 groups ran 1.2-3.4x faster as bags).
+MAX_BAG_ASSIGNMENTS_PER_GROUP = 6
+
+
+def bag_shrink(x_rows: torch.Tensor, lora_a: torch.Tensor, bags: RankBags) -> torch.Tensor:
+    """s[p] = lora_a[g(p)] @ x_rows[p] for the assignments of bags (g = bags.group_ids):
+    x_rows [P, in] (one row per assignment), lora_a [G, R, in]: a view of the pool's
+    [G, in, R] storage, else copied into it. Returns [P, R] in lora_a's dtype."""
+    in_features = x_rows.shape[1]
+    input_rows = lora_a.mT.reshape(-1, lora_a.shape[-2])  # [G * in, R]
+    return F.embedding_bag(
+        bags.ids(in_features),
+        input_rows,
+        bags.per_assignment(in_features),
+        mode="sum",
+        per_sample_weights=x_rows.to(input_rows.dtype).flatten(),
+    )
 
 
 def rank_rows(lora_b: torch.Tensor) -> torch.Tensor:
@@ -27,17 +51,18 @@ class RankBags:
         self.group_ids = group_ids
         self._ids: dict[int, torch.Tensor] = {}
 
-    def ids(self, rank: int) -> torch.Tensor:
-        """[P * R]: the R rank rows of each assignment's group, assignment by assignment."""
-        if rank not in self._ids:
-            offsets = torch.arange(rank, device=self.group_ids.device)
-            self._ids[rank] = (self.group_ids[:, None] * rank + offsets).flatten()
-        return self._ids[rank]
+    def ids(self, width: int) -> torch.Tensor:
+        """[P * width]: rows g * width .. g * width + width - 1 of each assignment's group g,
+        assignment by assignment (width R: B's rank rows; width `in`: A's input rows)."""
+        if width not in self._ids:
+            offsets = torch.arange(width, device=self.group_ids.device)
+            self._ids[width] = (self.group_ids[:, None] * width + offsets).flatten()
+        return self._ids[width]
 
-    def per_assignment(self, rank: int) -> torch.Tensor:
-        """[P] offsets: one bag per assignment."""
+    def per_assignment(self, width: int) -> torch.Tensor:
+        """[P] offsets into ids(width): one bag per assignment."""
         count = self.group_ids.shape[0]
-        return torch.arange(0, count * rank, rank, device=self.group_ids.device)
+        return torch.arange(0, count * width, width, device=self.group_ids.device)
 
 
 def bag_expand(

@@ -1,16 +1,14 @@
-"""Pure-torch MixLoRA experts, by whichever of two equivalent strategies is cheaper.
+"""Pure-torch MixLoRA experts over the selected (row, expert) pairs.
 
-Both expand through rank-row bags (kernels/_rank_bags.py: only the selected experts' B is read,
-with no call per (slot, expert) group) and run the per-pair FFN on the selected pairs only.
-They differ in the shrinks (x A and h A_down):
-- sparse: assignments sorted into (slot, expert) segments, segmented GEMMs: each group's A is
-  read once for all its rows, but each group costs a GEMM call;
-- pairs (pairs.py): every expert's A of a slot in one batched GEMM over the rows (gate/up) or
-  pairs (down) padded by slot: no per-group calls, but the unselected experts' products are
-  computed and B is not reused between pairs of a group.
-Pairs pays where most groups have one pair (decode steps over many adapters); sparse elsewhere.
-(A third strategy, every expert's delta of a slot with batched GEMMs, lost to both once the
-expands became bags, and was removed: see bench/RESULTS.md, session 13.)
+The pairs are sorted into (slot, expert) segments; only the selected experts' weights are read
+and the activation runs on the selected pairs only. The expands are rank-row bags
+(kernels/_rank_bags.py: no call per (slot, expert) group). The shrinks (x A and h A_down) are
+either input-row bags over the pool's [.., in, R] A storage (a group's A read once per pair, no
+call per group: decode steps, where most groups have a pair or two) or segmented GEMMs (each
+group's A read once for all its pairs, a GEMM call per group: prefill steps, many pairs per
+group). Two earlier strategies, every expert of a slot in batched GEMMs ("dense", removed in
+session 13) and every expert's A of a slot against the rows padded by slot ("pairs", removed in
+session 15), lost to bags once A was stored for them: see bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -22,23 +20,23 @@ import torch
 
 # The sub-ops' references, never their dispatching wrappers: this file is the oracle the Triton
 # version is tested against, so it must not turn into Triton when MIXSERVE_KERNELS=triton.
-from mixserve.kernels._grouped import PaddedGroups, places_in_groups
-from mixserve.kernels._rank_bags import RankBags, bag_expand
+from mixserve.kernels._rank_bags import (
+    MAX_BAG_ASSIGNMENTS_PER_GROUP,
+    RankBags,
+    bag_expand,
+    bag_shrink,
+)
 from mixserve.kernels.assignments.segments import Segments
 from mixserve.kernels.lora.reference import lora_shrink
-from mixserve.kernels.moe_lora_ffn.pairs import Act, pairs
 
 if TYPE_CHECKING:
     from mixserve.kernels.moe_lora_ffn import ExpertLora
 
-# Rough CPU costs, fitted on Intel Xeon (2 vCPU, 2026-12-04) to the time difference of the two
-# strategies over six decode and prefill shapes: one group's GEMM call in a segmented shrink;
-# one float pairs moves beyond what sparse does.
-_GROUP_COST = 8e-6
-_PAIRS_FLOAT_COST = 0.13e-9
+Act = Callable[[torch.Tensor], torch.Tensor]
+SHRINKS = ("auto", "bags", "grouped")
 
 
-def _sparse(
+def _selected_pairs(
     x: torch.Tensor,
     gate_up: torch.Tensor,
     rows: torch.Tensor,
@@ -47,6 +45,7 @@ def _sparse(
     up: ExpertLora,
     down: ExpertLora,
     act: Act,
+    bag_shrinks: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_rows = rows.shape[0]
     intermediate = gate_up.shape[1] // 2
@@ -54,13 +53,15 @@ def _sparse(
     token_rows = rows.index_select(0, segments.row_ids)
     x_p = x.index_select(0, token_rows)  # [P, H]
     gate_up_p = gate_up.index_select(0, token_rows)  # [P, 2I]
-    # Shrinks as segmented GEMMs (each group's A read once for its rows), expands as rank-row
-    # bags (kernels/_rank_bags.py): no per-group call for the products whose output is I or H wide.
-    bags = RankBags(group_ids)
+    bags = RankBags(group_ids)  # bag indices, shared by the three projections
 
     def expand(lora: ExpertLora, rows_p: torch.Tensor) -> torch.Tensor:  # [P, out]
         rank = lora.lora_a.shape[2]
-        shrunk = lora_shrink(rows_p, lora.lora_a.flatten(0, 1), segments, gather_rows=False)
+        lora_a = lora.lora_a.flatten(0, 1)  # [S * E, R, in]
+        if bag_shrinks:
+            shrunk = bag_shrink(rows_p, lora_a, bags)
+        else:
+            shrunk = lora_shrink(rows_p, lora_a, segments, gather_rows=False)
         shrunk.mul_(lora.scale.index_select(0, group_ids).to(x.dtype)[:, None])  # [P, R]
         return bag_expand(shrunk, lora.lora_b, bags.ids(rank), bags.per_assignment(rank))
 
@@ -84,12 +85,12 @@ def moe_lora_ffn(
     up: ExpertLora,
     down: ExpertLora,
     act: Callable[[torch.Tensor], torch.Tensor],
-    strategy: str = "auto",
+    shrink: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """strategy: "auto" (by estimated cost), "sparse" or "pairs"; both compute the same
-    function."""
-    if strategy not in ("auto", "sparse", "pairs"):
-        raise ValueError(f"unknown strategy {strategy!r}")
+    """shrink: "auto" (bags while the groups average at most MAX_BAG_ASSIGNMENTS_PER_GROUP
+    pairs), "bags" or "grouped"; all compute the same function."""
+    if shrink not in SHRINKS:
+        raise ValueError(f"unknown shrink {shrink!r}: expected one of {', '.join(SHRINKS)}")
     num_rows, num_experts = weights.shape
     intermediate = gate_up.shape[1] // 2
     if num_rows == 0:
@@ -100,53 +101,15 @@ def moe_lora_ffn(
     if num_assignments == 0:
         return x.new_zeros(num_rows, intermediate), x.new_zeros(num_rows, x.shape[1])
     group_ids = slots.index_select(0, pair_rows) * num_experts + experts  # [P]
-    slot_lo = int(slots.min())
-    local_slot = slots - slot_lo  # [N]
-    counts = torch.bincount(local_slot)  # [S] rows of each slot of the range
-    num_slots = counts.shape[0]
-    if strategy == "auto":
-        used = torch.bincount(group_ids - slot_lo * num_experts)  # [<= S * E]
-        strategy = _cheapest(
-            int((used > 0).sum()),
-            num_assignments,
-            num_slots * num_experts,
-            gate.lora_a.shape[2],
-            x.shape[1],
-            intermediate,
-        )
-    if strategy == "sparse":  # the same pairs, sorted by (slot, expert) group
-        order = torch.argsort(group_ids, stable=True)
-        segments = Segments(
-            row_ids=pair_rows[order],
-            group_ids=group_ids[order],
-            weights=weights[pair_rows, experts].to(torch.float32)[order],
-        )
-        return _sparse(x, gate_up, rows, segments, gate, up, down, act)
-    max_rows = int(counts.max())
-    row_pos = places_in_groups(local_slot, counts)  # [N] each row's place within its slot
-    rows_by_slot = PaddedGroups(slot_lo, 1, num_slots, max_rows, local_slot * max_rows + row_pos)
-    return pairs(
-        x, gate_up, rows, weights, pair_rows, experts, group_ids, gate, up, down, act, rows_by_slot
+    order = torch.argsort(group_ids, stable=True)  # the same pairs, sorted by group
+    segments = Segments(
+        row_ids=pair_rows[order],
+        group_ids=group_ids[order],
+        weights=weights[pair_rows, experts].to(torch.float32)[order],
     )
-
-
-def _cheapest(
-    num_groups: int,
-    num_pairs: int,
-    num_slot_groups: int,
-    rank: int,
-    hidden_size: int,
-    intermediate: int,
-) -> str:
-    """sparse or pairs for num_pairs selected pairs in num_groups (slot, expert) groups, over
-    num_slot_groups = S * E groups of the slots they use.
-
-    Both run the same per-pair FFN and bag expands. Sparse pays its three shrinks' per-group
-    GEMM calls; pairs reads every expert's A of the slots, its pairs' B without reuse between
-    pairs of one expert, and pads the pairs' hidden rows by slot (written, read again)."""
-    sparse = 3 * num_groups * _GROUP_COST
-    slot_a = num_slot_groups * rank * (2 * hidden_size + intermediate)
-    pairs_floats = (
-        slot_a + num_pairs * rank * (2 * intermediate + hidden_size) + 2 * num_pairs * intermediate
-    )
-    return "pairs" if pairs_floats * _PAIRS_FLOAT_COST < sparse else "sparse"
+    if shrink == "auto":
+        num_groups = int(torch.count_nonzero(torch.diff(segments.group_ids))) + 1
+        shrink = (
+            "bags" if num_assignments <= MAX_BAG_ASSIGNMENTS_PER_GROUP * num_groups else "grouped"
+        )
+    return _selected_pairs(x, gate_up, rows, segments, gate, up, down, act, shrink == "bags")

@@ -121,8 +121,12 @@ class AdapterPool:
                     layers, num_slots, experts, in_f, dtype=torch.float32, device=self.device
                 )
             self._sites[proj] = SiteStack(
-                lora_a=torch.zeros(layers, num_slots, experts, rank, in_f, **zeros),
-                # Stored [.., R, out], exposed as the [.., out, R] view: expands read B along
+                # A stored [.., in, R], exposed as the [.., R, in] view: on CPU a shrink of one
+                # row by one group is then a weighted sum of `in` contiguous R-wide rows, which
+                # embedding_bag runs for any number of groups in one call
+                # (kernels/_rank_bags.py).
+                lora_a=torch.zeros(layers, num_slots, experts, in_f, rank, **zeros).mT,
+                # B stored [.., R, out], exposed as the [.., out, R] view: expands read B along
                 # `out` contiguously (CPU batched GEMMs with R innermost ran 2x slower; on GPU
                 # the expand's [R, BLOCK_N] tiles become contiguous rows).
                 lora_b=torch.zeros(layers, num_slots, experts, rank, out_f, **zeros).mT,

@@ -276,13 +276,10 @@ def test_padded_layout_is_a_strided_grid_or_the_used_groups():
     assert _grouped.padded_groups(skewed_ids({0: 9})) is None  # past the rows limit
 
 
-@pytest.mark.parametrize("is_sorted", [True, False])
-def test_places_in_groups_counts_each_group_from_zero_in_item_order(is_sorted):
+def test_places_in_groups_counts_each_group_from_zero_in_item_order():
     gen = torch.Generator().manual_seed(0)
-    group_of = torch.randint(0, 5, (40,), generator=gen)
-    if is_sorted:
-        group_of = group_of.sort().values
-    places = places_in_groups(group_of, torch.bincount(group_of, minlength=5), is_sorted=is_sorted)
+    group_of = torch.randint(0, 5, (40,), generator=gen).sort().values
+    places = places_in_groups(group_of, torch.bincount(group_of, minlength=5))
     seen: dict[int, int] = {}
     for group, place in zip(group_of.tolist(), places.tolist(), strict=True):
         assert place == seen.get(group, 0)

@@ -1,4 +1,5 @@
-"""moe_lora_ffn (MixLoRA whole-FFN experts): each strategy vs a float64 per-row loop."""
+"""moe_lora_ffn (MixLoRA whole-FFN experts): each shrink (input-row bags, grouped GEMMs) and
+both A layouts vs a float64 per-row loop."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ from mixserve.kernels.moe_lora_ffn import reference
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
-def _lora(gen, slots, experts, rank, din, dout, dtype, ranks):
+def _lora(gen, slots, experts, rank, din, dout, dtype, ranks, pool_layout=True):
+    """pool_layout: A and B as views of the pool's [.., in, R] and [.., R, out] storage;
+    otherwise both contiguous as named ([.., R, in], [.., out, R])."""
     a = torch.randn(slots, experts, rank, din, generator=gen) / din**0.5
     b = torch.randn(slots, experts, dout, rank, generator=gen) / rank**0.5
     for s, r in enumerate(ranks):  # zero-padded ranks, as the pool stores them
         a[s, :, r:] = 0
         b[s, :, :, r:] = 0
     scale = torch.rand(slots * experts, generator=gen) + 0.5
-    return ExpertLora(a.to(dtype), b.to(dtype), scale)
+    a, b = a.to(dtype), b.to(dtype)
+    if pool_layout:
+        a, b = a.mT.contiguous().mT, b.mT.contiguous().mT
+    return ExpertLora(a, b, scale)
 
 
 def _naive(x, gate_up, rows, slots, weights, gate, up, down):
@@ -48,7 +54,9 @@ def _naive(x, gate_up, rows, slots, weights, gate, up, down):
     return hidden, delta
 
 
-def _case(seed, *, tokens, slots_used, num_slots, experts, k, dtype, one_slot=False):
+def _case(
+    seed, *, tokens, slots_used, num_slots, experts, k, dtype, one_slot=False, pool_layout=True
+):
     gen = torch.Generator().manual_seed(seed)
     hidden_size, inter = 24, 40
     x = torch.randn(tokens, hidden_size, generator=gen).to(dtype)
@@ -64,13 +72,16 @@ def _case(seed, *, tokens, slots_used, num_slots, experts, k, dtype, one_slot=Fa
     top = logits.topk(k, dim=-1)
     weights = torch.zeros(len(rows), experts).scatter(1, top.indices, top.values.softmax(-1))
     ranks = [4 + 4 * (s % 4) for s in range(num_slots)]
-    gate = _lora(gen, num_slots, experts, 16, hidden_size, inter, dtype, ranks)
-    up = _lora(gen, num_slots, experts, 16, hidden_size, inter, dtype, ranks)
-    down = _lora(gen, num_slots, experts, 16, inter, hidden_size, dtype, ranks)
+    shapes = ((hidden_size, inter), (hidden_size, inter), (inter, hidden_size))
+    gate, up, down = (
+        _lora(gen, num_slots, experts, 16, din, dout, dtype, ranks, pool_layout)
+        for din, dout in shapes
+    )
     return x, gate_up, rows, slots, weights, gate, up, down
 
 
-@pytest.mark.parametrize("strategy", ["sparse", "pairs", "auto"])
+@pytest.mark.parametrize("shrink", ["bags", "grouped", "auto"])
+@pytest.mark.parametrize("pool_layout", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("tokens", "slots_used", "experts", "k", "one_slot"),
@@ -82,7 +93,7 @@ def _case(seed, *, tokens, slots_used, num_slots, experts, k, dtype, one_slot=Fa
         (40, [0, 1, 2, 3, 4, 5], 16, 4, False),  # 16 experts
     ],
 )
-def test_matches_per_row_loop(strategy, dtype, tokens, slots_used, experts, k, one_slot):
+def test_matches_per_row_loop(shrink, pool_layout, dtype, tokens, slots_used, experts, k, one_slot):
     case = _case(
         7 + tokens,
         tokens=tokens,
@@ -92,8 +103,9 @@ def test_matches_per_row_loop(strategy, dtype, tokens, slots_used, experts, k, o
         k=k,
         dtype=dtype,
         one_slot=one_slot,
+        pool_layout=pool_layout,
     )
-    hidden, delta = reference.moe_lora_ffn(*case, F.silu, strategy=strategy)
+    hidden, delta = reference.moe_lora_ffn(*case, F.silu, shrink=shrink)
     want_hidden, want_delta = _naive(*case)
     scale = max(float(want_hidden.abs().max()), 1e-6)
     assert float((hidden.double() - want_hidden).abs().max()) / scale < TOL[dtype]
@@ -101,27 +113,27 @@ def test_matches_per_row_loop(strategy, dtype, tokens, slots_used, experts, k, o
     assert float((delta.double() - want_delta).abs().max()) / scale < TOL[dtype]
 
 
-def test_strategies_agree_and_wrapper_dispatches():
+def test_shrinks_agree_and_wrapper_dispatches():
     case = _case(
         3, tokens=32, slots_used=[0, 2, 4], num_slots=6, experts=8, k=2, dtype=torch.float32
     )
-    sparse = reference.moe_lora_ffn(*case, F.silu, strategy="sparse")
-    by_pair = reference.moe_lora_ffn(*case, F.silu, strategy="pairs")
+    bags = reference.moe_lora_ffn(*case, F.silu, shrink="bags")
+    grouped = reference.moe_lora_ffn(*case, F.silu, shrink="grouped")
     public = moe_lora_ffn(*case, F.silu)
-    for a, b, c in zip(sparse, by_pair, public, strict=True):
+    for a, b, c in zip(bags, grouped, public, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
-def test_empty_rows_and_bad_strategy():
+def test_empty_rows_and_bad_shrink():
     case = list(
         _case(1, tokens=4, slots_used=[0], num_slots=2, experts=2, k=1, dtype=torch.float32)
     )
     case[2], case[3], case[4] = case[2][:0], case[3][:0], case[4][:0]
     hidden, delta = moe_lora_ffn(*case, F.silu)
     assert hidden.shape == (0, 40) and delta.shape == (0, 24)
-    with pytest.raises(ValueError, match="strategy"):
-        reference.moe_lora_ffn(*case, F.silu, strategy="fast")
+    with pytest.raises(ValueError, match="shrink"):
+        reference.moe_lora_ffn(*case, F.silu, shrink="fast")
 
 
 def test_reference_stays_torch_when_triton_is_forced(monkeypatch):
@@ -129,43 +141,62 @@ def test_reference_stays_torch_when_triton_is_forced(monkeypatch):
     must call its sub-ops' references, not their dispatching wrappers. Without the interpreter,
     a dispatched sub-op on CPU tensors would raise instead of computing."""
     case = _case(5, tokens=12, slots_used=[0, 1], num_slots=2, experts=4, k=2, dtype=torch.float32)
-    expected = reference.moe_lora_ffn(*case, F.silu, strategy="sparse")
+    expected = reference.moe_lora_ffn(*case, F.silu, shrink="grouped")
     monkeypatch.setenv("MIXSERVE_KERNELS", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for strategy in ("sparse", "pairs"):
-        got = reference.moe_lora_ffn(*case, F.silu, strategy=strategy)
+    for shrink in ("bags", "grouped"):
+        got = reference.moe_lora_ffn(*case, F.silu, shrink=shrink)
         for a, b in zip(got, expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["sparse", "pairs", "auto"])
-def test_rows_without_selected_experts_get_zeros(strategy):
+@pytest.mark.parametrize("shrink", ["bags", "grouped", "auto"])
+def test_rows_without_selected_experts_get_zeros(shrink):
     """A row whose every weight is 0 (or a step where no row selects anything) adds nothing."""
     case = list(
         _case(11, tokens=10, slots_used=[0, 1], num_slots=2, experts=4, k=2, dtype=torch.float32)
     )
     case[4][::2] = 0  # every other row selects nothing
-    hidden, delta = reference.moe_lora_ffn(*case, F.silu, strategy=strategy)
+    hidden, delta = reference.moe_lora_ffn(*case, F.silu, shrink=shrink)
     want_hidden, want_delta = _naive(*case)
     torch.testing.assert_close(hidden.double(), want_hidden, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(delta.double(), want_delta, rtol=1e-5, atol=1e-6)
     assert not hidden[::2].any() and not delta[::2].any()
     case[4].zero_()
-    hidden, delta = reference.moe_lora_ffn(*case, F.silu, strategy=strategy)
+    hidden, delta = reference.moe_lora_ffn(*case, F.silu, shrink=shrink)
     assert hidden.shape == (len(case[2]), 40) and not hidden.any() and not delta.any()
 
 
 @pytest.mark.parametrize(
-    ("groups", "pairs", "slot_groups", "rank", "want"),
+    ("counts", "want"),
     [
-        (60, 66, 128, 8, "pairs"),  # serving decode: ~one row per adapter, E=4, top-2
-        (80, 110, 128, 8, "pairs"),  # zipf decode: one popular slot, many singletons
-        (44, 64, 64, 16, "pairs"),  # 8 adapters x 4 rows, E=8: most groups have 1-2 pairs
-        (40, 136, 64, 16, "sparse"),  # 4 adapters x 16 rows and 4 x 1: ~3 pairs per group
-        (40, 512, 64, 16, "sparse"),  # a prefill step: many rows per expert
+        ([1] * 12, "bags"),  # decode: one row per adapter, top-2 of 8: ~1 pair per group
+        ([3] * 6, "bags"),  # a few rows per adapter: at most 6 pairs per used group
+        ([96], "grouped"),  # a prefill chunk: 192 pairs over 8 groups
     ],
 )
-def test_auto_strategy_by_shape(groups, pairs, slot_groups, rank, want):
-    """The cost model's picks in the regimes it was fitted on (Intel Xeon, SmolLM2 sizes; each
-    pick was the faster strategy measured on that shape)."""
-    assert reference._cheapest(groups, pairs, slot_groups, rank, 576, 1536) == want
+def test_auto_shrink_by_pairs_per_group(counts, want, monkeypatch):
+    """auto takes bags while the used groups average at most MAX_BAG_ASSIGNMENTS_PER_GROUP
+    pairs, grouped GEMMs past that."""
+    tokens = sum(counts)
+    case = list(
+        _case(17, tokens=tokens, slots_used=[0], num_slots=12, experts=8, k=2, dtype=torch.float32)
+    )
+    case[2] = torch.arange(tokens)
+    case[3] = torch.tensor([s for s, c in enumerate(counts) for _ in range(c)])
+    case[4] = torch.zeros(tokens, 8).scatter_(
+        1, torch.stack([torch.arange(tokens) % 8, (torch.arange(tokens) + 3) % 8], 1), 0.5
+    )
+    calls: list[str] = []
+    real_bag, real_grouped = reference.bag_shrink, reference.lora_shrink
+    monkeypatch.setattr(
+        reference, "bag_shrink", lambda *a, **k: calls.append("bags") or real_bag(*a, **k)
+    )
+    monkeypatch.setattr(
+        reference, "lora_shrink", lambda *a, **k: calls.append("grouped") or real_grouped(*a, **k)
+    )
+    got = reference.moe_lora_ffn(*case, F.silu)
+    assert calls == [want] * 3  # gate, up and down shrinks
+    want_hidden, want_delta = _naive(*case)
+    torch.testing.assert_close(got[0].double(), want_hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1].double(), want_delta, rtol=1e-5, atol=1e-6)

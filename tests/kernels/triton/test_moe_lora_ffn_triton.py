@@ -101,7 +101,7 @@ def make_case(case: FfnCase, dtype: torch.dtype, seed: int) -> tuple:
 def oracle(args: tuple, act) -> tuple[torch.Tensor, torch.Tensor]:
     tensors = [cpu32(t) for t in args[:5]]
     experts = [ExpertLora(cpu32(e.lora_a), cpu32(e.lora_b), cpu32(e.scale)) for e in args[5:]]
-    return reference.moe_lora_ffn(*tensors, *experts, act, strategy="sparse")
+    return reference.moe_lora_ffn(*tensors, *experts, act, shrink="grouped")
 
 
 def check(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...], dtype) -> None:
