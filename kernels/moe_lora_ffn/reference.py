@@ -36,6 +36,27 @@ Act = Callable[[torch.Tensor], torch.Tensor]
 SHRINKS = ("auto", "bags", "grouped")
 
 
+def joint_lora_a(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
+    """[S * E, 2R, in]: gate's and up's A (first, second [S, E, R, in]) as one view, where they
+    are the two halves of one [S, E, in, 2, R] storage (the adapter pool's); else None."""
+    num_slots, num_experts, rank, in_features = first.shape
+    width = 2 * rank
+    storage_strides = (num_experts * in_features * width, in_features * width, 1, width)
+    if (
+        second.shape != first.shape
+        or second.dtype != first.dtype
+        or first.stride() != storage_strides
+        or second.stride() != storage_strides
+        or second.data_ptr() - first.data_ptr() != rank * first.element_size()
+    ):
+        return None
+    return first.as_strided(
+        (num_slots * num_experts, width, in_features),
+        (in_features * width, 1, width),
+        first.storage_offset(),
+    )
+
+
 def _selected_pairs(
     x: torch.Tensor,
     gate_up: torch.Tensor,
@@ -55,22 +76,30 @@ def _selected_pairs(
     gate_up_p = gate_up.index_select(0, token_rows)  # [P, 2I]
     bags = RankBags(group_ids)  # bag indices, shared by the three projections
 
-    def expand(lora: ExpertLora, rows_p: torch.Tensor) -> torch.Tensor:  # [P, out]
-        rank = lora.lora_a.shape[2]
-        lora_a = lora.lora_a.flatten(0, 1)  # [S * E, R, in]
+    def shrink(lora_a: torch.Tensor, rows_p: torch.Tensor) -> torch.Tensor:  # [P, R']
         if bag_shrinks:
-            shrunk = bag_shrink(rows_p, lora_a, bags)
-        else:
-            shrunk = lora_shrink(rows_p, lora_a, segments, gather_rows=False)
+            return bag_shrink(rows_p, lora_a, bags)
+        return lora_shrink(rows_p, lora_a, segments, gather_rows=False)
+
+    def expand(lora: ExpertLora, shrunk: torch.Tensor) -> torch.Tensor:  # [P, out]
+        rank = lora.lora_a.shape[2]
         shrunk.mul_(lora.scale.index_select(0, group_ids).to(x.dtype)[:, None])  # [P, R]
         return bag_expand(shrunk, lora.lora_b, bags.ids(rank), bags.per_assignment(rank))
 
-    g = expand(gate, x_p).add_(gate_up_p[:, :intermediate])
-    u = expand(up, x_p).add_(gate_up_p[:, intermediate:])
+    rank = gate.lora_a.shape[2]
+    joint = joint_lora_a(gate.lora_a, up.lora_a)
+    if joint is not None:  # one pass over x_p and both A
+        shrunk = shrink(joint, x_p)  # [P, 2R]
+        gate_s, up_s = shrunk[:, :rank], shrunk[:, rank:]
+    else:
+        gate_s = shrink(gate.lora_a.flatten(0, 1), x_p)
+        up_s = shrink(up.lora_a.flatten(0, 1), x_p)
+    g = expand(gate, gate_s).add_(gate_up_p[:, :intermediate])
+    u = expand(up, up_s).add_(gate_up_p[:, intermediate:])
     # The weight goes onto h_p: the down LoRA is linear, so shrinking w h_p equals weighting later.
     hidden_p = act(g).mul_(u).mul_(segments.weights.to(x.dtype)[:, None])  # [P, I]
     hidden = hidden_p.new_zeros(num_rows, intermediate).index_add_(0, segments.row_ids, hidden_p)
-    down_p = expand(down, hidden_p)  # [P, H]
+    down_p = expand(down, shrink(down.lora_a.flatten(0, 1), hidden_p))  # [P, H]
     down_delta = x.new_zeros(num_rows, down_p.shape[1]).index_add_(0, segments.row_ids, down_p)
     return hidden, down_delta
 

@@ -111,10 +111,19 @@ class AdapterPool:
         self.dtype, self.device = dtype, torch.device(device)
         layers, rank = arch.num_layers, shape.max_rank
         self._sites: dict[str, SiteStack] = {}
+        zeros = {"dtype": dtype, "device": self.device}
+        # gate and up read the same rows: their A share one [.., in, 2, R] storage, so a CPU
+        # shrink reads both in one pass (kernels/moe_lora_ffn/reference.py, joint_lora_a).
+        gate_up_a = torch.zeros(
+            layers, num_slots, shape.mlp_experts, arch.hidden_size, 2, rank, **zeros
+        )
         for proj in PROJECTIONS:
             experts = shape.experts(proj)
             in_f, out_f = arch.projection_shape(proj)
-            zeros = {"dtype": dtype, "device": self.device}
+            if proj in ("gate_proj", "up_proj"):
+                lora_a = gate_up_a[..., 0 if proj == "gate_proj" else 1, :]
+            else:
+                lora_a = torch.zeros(layers, num_slots, experts, in_f, rank, **zeros)
             router = None
             if shape.has_router(proj):
                 router = torch.zeros(
@@ -125,7 +134,7 @@ class AdapterPool:
                 # row by one group is then a weighted sum of `in` contiguous R-wide rows, which
                 # embedding_bag runs for any number of groups in one call
                 # (kernels/_rank_bags.py).
-                lora_a=torch.zeros(layers, num_slots, experts, in_f, rank, **zeros).mT,
+                lora_a=lora_a.mT,
                 # B stored [.., R, out], exposed as the [.., out, R] view: expands read B along
                 # `out` contiguously (CPU batched GEMMs with R innermost ran 2x slower; on GPU
                 # the expand's [R, BLOCK_N] tiles become contiguous rows).

@@ -14,8 +14,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
 def _lora(gen, slots, experts, rank, din, dout, dtype, ranks, pool_layout=True):
-    """pool_layout: A and B as views of the pool's [.., in, R] and [.., R, out] storage;
-    otherwise both contiguous as named ([.., R, in], [.., out, R])."""
+    """pool_layout: A and B as views of the pool's [.., in, R] and [.., R, out] storage
+    (_case then joins gate's and up's A as the pool does); otherwise both contiguous as named
+    ([.., R, in], [.., out, R])."""
     a = torch.randn(slots, experts, rank, din, generator=gen) / din**0.5
     b = torch.randn(slots, experts, dout, rank, generator=gen) / rank**0.5
     for s, r in enumerate(ranks):  # zero-padded ranks, as the pool stores them
@@ -77,6 +78,11 @@ def _case(
         _lora(gen, num_slots, experts, 16, din, dout, dtype, ranks, pool_layout)
         for din, dout in shapes
     )
+    if pool_layout:  # gate's and up's A share one [.., in, 2, R] storage, as in the pool
+        joint = torch.stack([gate.lora_a.mT, up.lora_a.mT], dim=-2)  # [S, E, in, 2, R]
+        gate = ExpertLora(joint[..., 0, :].mT, gate.lora_b, gate.scale)
+        up = ExpertLora(joint[..., 1, :].mT, up.lora_b, up.scale)
+        assert reference.joint_lora_a(gate.lora_a, up.lora_a) is not None
     return x, gate_up, rows, slots, weights, gate, up, down
 
 
@@ -111,6 +117,18 @@ def test_matches_per_row_loop(shrink, pool_layout, dtype, tokens, slots_used, ex
     assert float((hidden.double() - want_hidden).abs().max()) / scale < TOL[dtype]
     scale = max(float(want_delta.abs().max()), 1e-6)
     assert float((delta.double() - want_delta).abs().max()) / scale < TOL[dtype]
+
+
+def test_joint_gate_up_a_only_for_the_two_halves_of_one_storage():
+    storage = torch.randn(3, 4, 10, 2, 8)  # [S, E, in, 2, R]
+    gate, up = storage[..., 0, :].mT, storage[..., 1, :].mT
+    joint = reference.joint_lora_a(gate, up)
+    assert joint is not None and joint.shape == (12, 16, 10)
+    assert torch.equal(joint[:, :8], gate.flatten(0, 1))
+    assert torch.equal(joint[:, 8:], up.flatten(0, 1))
+    assert reference.joint_lora_a(up, gate) is None  # the halves the other way round
+    assert reference.joint_lora_a(gate, gate.contiguous()) is None  # separate tensors
+    assert reference.joint_lora_a(gate.contiguous(), up.contiguous()) is None
 
 
 def test_shrinks_agree_and_wrapper_dispatches():
@@ -196,7 +214,7 @@ def test_auto_shrink_by_pairs_per_group(counts, want, monkeypatch):
         reference, "lora_shrink", lambda *a, **k: calls.append("grouped") or real_grouped(*a, **k)
     )
     got = reference.moe_lora_ffn(*case, F.silu)
-    assert calls == [want] * 3  # gate, up and down shrinks
+    assert calls == [want] * 2  # gate and up in one (their A share storage), then down
     want_hidden, want_delta = _naive(*case)
     torch.testing.assert_close(got[0].double(), want_hidden, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1].double(), want_delta, rtol=1e-5, atol=1e-6)
