@@ -44,8 +44,8 @@ def rank_rows(lora_b: torch.Tensor) -> torch.Tensor:
 
 
 class RankBags:
-    """Bag indices for one list of assignments (group_ids [P]), built once per rank and shared
-    by every projection that expands the same assignments."""
+    """Bag indices for one list of assignments (group_ids [P]), built once per row width and
+    shared by every projection that shrinks or expands the same assignments."""
 
     def __init__(self, group_ids: torch.Tensor) -> None:
         self.group_ids = group_ids

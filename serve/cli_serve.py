@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import re
-from collections.abc import Callable
-from typing import Any
 
+from mixserve.cli_options import add_option, add_switch, parse_bytes
 from mixserve.config import (
     AdapterPoolConfig,
     CacheConfig,
@@ -17,87 +14,33 @@ from mixserve.config import (
     ServerConfig,
 )
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1e3,
-    "m": 1e6,
-    "g": 1e9,
-    "t": 1e12,
-    "ki": 2**10,
-    "mi": 2**20,
-    "gi": 2**30,
-    "ti": 2**40,
-}
-
-
-def parse_bytes(value: str) -> int:
-    """'512MiB', '4GiB', '1.5GB', '1048576' -> bytes."""
-    match = _SIZE.match(value)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {value!r} (e.g. 512MiB, 4GiB)")
-    unit = (match.group(2) or "").lower().rstrip("b")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def _flag(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"not a boolean: {value!r}")
-
-
-def _add(
-    group: Any,
-    flag: str,
-    env: str,
-    *,
-    type: Callable[[str], Any] = str,  # noqa: A002 - argparse's name
-    default: Any = None,
-    help: str,  # noqa: A002 - argparse's name
-    append: bool = False,
-) -> None:
-    raw = os.environ.get(env)
-    if append:  # env: paths separated by os.pathsep; flags add to them
-        values = [type(p) for p in raw.split(os.pathsep) if p] if raw else []
-        group.add_argument(
-            flag, type=type, action="append", default=values, help=f"{help} [env {env}]"
-        )
-        return
-    if raw is not None:
-        default = type(raw)
-    group.add_argument(flag, type=type, default=default, help=f"{help} [env {env}]")
-
-
-def _add_switch(group: Any, flag: str, env: str, help: str) -> None:  # noqa: A002
-    default = _flag(os.environ.get(env, "0"))
-    group.add_argument(flag, action="store_true", default=default, help=f"{help} [env {env}]")
-
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
-    _add(
+    add_option(
         model,
         "--model",
         "MIXSERVE_MODEL",
         help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)",
     )
-    _add(
+    add_option(
         model,
         "--served-model-name",
         "MIXSERVE_SERVED_MODEL_NAME",
         help="the base model's id in the API (default: the folder's name)",
     )
-    _add(model, "--dtype", "MIXSERVE_DTYPE", default="float32", help="float32, bfloat16, float16")
-    _add(model, "--device", "MIXSERVE_DEVICE", default="cpu", help="cpu or cuda[:N]")
+    add_option(
+        model, "--dtype", "MIXSERVE_DTYPE", default="float32", help="float32, bfloat16, float16"
+    )
+    add_option(model, "--device", "MIXSERVE_DEVICE", default="cpu", help="cpu or cuda[:N]")
 
     net = parser.add_argument_group("network and security")
-    _add(net, "--host", "MIXSERVE_HOST", default="127.0.0.1", help="address to bind")
-    _add(net, "--port", "MIXSERVE_PORT", type=int, default=8000, help="port")
-    _add(net, "--api-key", "MIXSERVE_API_KEY", help="require 'Authorization: Bearer KEY' on /v1")
-    _add(
+    add_option(net, "--host", "MIXSERVE_HOST", default="127.0.0.1", help="address to bind")
+    add_option(net, "--port", "MIXSERVE_PORT", type=int, default=8000, help="port")
+    add_option(
+        net, "--api-key", "MIXSERVE_API_KEY", help="require 'Authorization: Bearer KEY' on /v1"
+    )
+    add_option(
         net,
         "--adapter-dir",
         "MIXSERVE_ADAPTER_DIRS",
@@ -105,13 +48,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="root folder whose subfolders are adapters served by name (repeatable; env: "
         "paths separated by the OS path separator)",
     )
-    _add_switch(
+    add_switch(
         net,
         "--enable-adapter-loading",
         "MIXSERVE_ENABLE_ADAPTER_LOADING",
         "allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter",
     )
-    _add_switch(
+    add_switch(
         net,
         "--no-demo-adapters",
         "MIXSERVE_NO_DEMO_ADAPTERS",
@@ -119,7 +62,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     mem = parser.add_argument_group("memory")
-    _add(
+    add_option(
         mem,
         "--kv-cache-memory",
         "MIXSERVE_KV_CACHE_MEMORY",
@@ -127,32 +70,32 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=512 * 2**20,
         help="KV cache budget (e.g. 512MiB)",
     )
-    _add(
+    add_option(
         mem, "--block-size", "MIXSERVE_BLOCK_SIZE", type=int, default=16, help="tokens per KV block"
     )
-    _add_switch(mem, "--no-prefix-caching", "MIXSERVE_NO_PREFIX_CACHING", "disable prefix caching")
-    _add(
+    add_switch(mem, "--no-prefix-caching", "MIXSERVE_NO_PREFIX_CACHING", "disable prefix caching")
+    add_option(
         mem,
         "--adapter-slots",
         "MIXSERVE_ADAPTER_SLOTS",
         type=int,
         help="adapter slots on the device (default: from the slot memory budget)",
     )
-    _add(
+    add_option(
         mem,
         "--adapter-slot-memory",
         "MIXSERVE_ADAPTER_SLOT_MEMORY",
         type=parse_bytes,
         help="memory for adapter slots (CPU default 1GiB)",
     )
-    _add(
+    add_option(
         mem,
         "--adapter-slot-memory-fraction",
         "MIXSERVE_ADAPTER_SLOT_MEMORY_FRACTION",
         type=float,
         help="or a fraction of free GPU memory for adapter slots",
     )
-    _add(
+    add_option(
         mem,
         "--host-cache-memory",
         "MIXSERVE_HOST_CACHE_MEMORY",
@@ -160,7 +103,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=4 * 2**30,
         help="host-memory adapter cache (LRU)",
     )
-    _add(
+    add_option(
         mem,
         "--max-lora-rank",
         "MIXSERVE_MAX_LORA_RANK",
@@ -168,7 +111,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="largest rank a hot-loaded adapter may have",
     )
-    _add(
+    add_option(
         mem,
         "--max-experts",
         "MIXSERVE_MAX_EXPERTS",
@@ -176,7 +119,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=8,
         help="most experts per MLP site a hot-loaded adapter may have",
     )
-    _add(
+    add_option(
         mem,
         "--max-attn-experts",
         "MIXSERVE_MAX_ATTN_EXPERTS",
@@ -186,7 +129,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     limits = parser.add_argument_group("limits")
-    _add(
+    add_option(
         limits,
         "--max-num-seqs",
         "MIXSERVE_MAX_NUM_SEQS",
@@ -194,7 +137,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="sequences per step",
     )
-    _add(
+    add_option(
         limits,
         "--max-num-batched-tokens",
         "MIXSERVE_MAX_NUM_BATCHED_TOKENS",
@@ -202,8 +145,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=2048,
         help="tokens per step",
     )
-    _add(limits, "--max-model-len", "MIXSERVE_MAX_MODEL_LEN", type=int, help="prompt + output")
-    _add(
+    add_option(
+        limits, "--max-model-len", "MIXSERVE_MAX_MODEL_LEN", type=int, help="prompt + output"
+    )
+    add_option(
         limits,
         "--max-adapter-bypass",
         "MIXSERVE_MAX_ADAPTER_BYPASS",
@@ -211,14 +156,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="later requests of resident adapters that may pass one the adapter cap holds back",
     )
-    _add(
+    add_option(
         limits,
         "--max-prompt-tokens",
         "MIXSERVE_MAX_PROMPT_TOKENS",
         type=int,
         help="longest prompt accepted",
     )
-    _add(
+    add_option(
         limits,
         "--max-tokens-limit",
         "MIXSERVE_MAX_TOKENS_LIMIT",
@@ -226,7 +171,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=4096,
         help="largest max_tokens accepted",
     )
-    _add(
+    add_option(
         limits,
         "--max-queue",
         "MIXSERVE_MAX_QUEUE",
@@ -234,7 +179,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="open requests before 429",
     )
-    _add(
+    add_option(
         limits,
         "--max-body-size",
         "MIXSERVE_MAX_BODY_SIZE",
@@ -242,7 +187,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=4 * 2**20,
         help="largest request body (413 above)",
     )
-    _add(
+    add_option(
         limits,
         "--drain-timeout",
         "MIXSERVE_DRAIN_TIMEOUT",
@@ -250,13 +195,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds running requests get to finish on SIGTERM",
     )
-    _add_switch(
+    add_switch(
         limits,
         "--expert-metrics",
         "MIXSERVE_EXPERT_METRICS",
         "export tokens routed per expert (bounded label cardinality)",
     )
-    _add(
+    add_option(
         limits,
         "--max-expert-metric-adapters",
         "MIXSERVE_MAX_EXPERT_METRIC_ADAPTERS",
