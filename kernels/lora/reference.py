@@ -56,11 +56,9 @@ def lora_expand(
     if count == 0:
         return
     scaled = s[:count] * coef[:count].to(s.dtype)[:, None]
-    if lora_b.mT.is_contiguous():  # the pool's layout: rank-row bags, no GEMM call per group
-        rank, bags = lora_b.shape[2], RankBags(segments.group_ids)
-        delta = bag_expand(scaled, lora_b, bags.ids(rank), bags.per_assignment(rank))
-    else:
-        delta = grouped_matmul(scaled, lora_b.transpose(1, 2), segments.group_ids)  # [P, N_out]
+    # Rank-row bags (no GEMM call per group): a view on the pool's B, a copy for other layouts.
+    rank, bags = lora_b.shape[2], RankBags(segments.group_ids)
+    delta = bag_expand(scaled, lora_b, bags.ids(rank), bags.per_assignment(rank))  # [P, N_out]
     if scatter_rows:
         out.index_add_(0, segments.row_ids, delta.to(out.dtype))
     else:
