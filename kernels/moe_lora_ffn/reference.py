@@ -26,6 +26,7 @@ from mixserve.kernels._rank_bags import (
     bag_expand,
     bag_shrink,
 )
+from mixserve.kernels.assignments.reference import build_segments
 from mixserve.kernels.assignments.segments import Segments
 from mixserve.kernels.lora.reference import lora_shrink
 
@@ -124,18 +125,12 @@ def moe_lora_ffn(
     intermediate = gate_up.shape[1] // 2
     if num_rows == 0:
         return x.new_zeros(0, intermediate), x.new_zeros(0, x.shape[1])
-    # The selected (row, expert) pairs in row order; rows index into rows.
-    pair_rows, experts = torch.nonzero(weights > 0, as_tuple=True)  # [P]
-    num_assignments = pair_rows.shape[0]
+    # The selected (row, expert) pairs sorted by group; their row_ids index into rows.
+    row_index = torch.arange(num_rows, device=rows.device)
+    segments = build_segments(weights, row_index, slots, num_experts)  # [P]
+    num_assignments = segments.row_ids.shape[0]
     if num_assignments == 0:
         return x.new_zeros(num_rows, intermediate), x.new_zeros(num_rows, x.shape[1])
-    group_ids = slots.index_select(0, pair_rows) * num_experts + experts  # [P]
-    order = torch.argsort(group_ids, stable=True)  # the same pairs, sorted by group
-    segments = Segments(
-        row_ids=pair_rows[order],
-        group_ids=group_ids[order],
-        weights=weights[pair_rows, experts].to(torch.float32)[order],
-    )
     if shrink == "auto":
         num_groups = int(torch.count_nonzero(torch.diff(segments.group_ids))) + 1
         shrink = (
