@@ -22,7 +22,14 @@ def triton_available() -> bool:
 
 
 def mode() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    # Read at every call (tests and embedding processes change it at run time); parsed once per
+    # distinct value, since every op of every layer asks.
+    return _parse_mode(os.environ.get(ENV, "auto"))
+
+
+@functools.cache
+def _parse_mode(raw: str) -> str:
+    value = raw.strip().lower() or "auto"
     if value not in _MODES:
         raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(_MODES)}")
     return value

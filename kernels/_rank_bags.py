@@ -12,8 +12,9 @@ sessions 13 and 15.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 
 # Bags read a group's weights once per assignment, a GEMM once per group: past this many
 # assignments per group the GEMM per group is the cheaper (measured on CPU, 2026-12-05: a shrink
@@ -28,13 +29,8 @@ def bag_shrink(x_rows: torch.Tensor, lora_a: torch.Tensor, bags: RankBags) -> to
     [G, in, R] storage, else copied into it. Returns [P, R] in lora_a's dtype."""
     in_features = x_rows.shape[1]
     input_rows = lora_a.mT.reshape(-1, lora_a.shape[-2])  # [G * in, R]
-    return F.embedding_bag(
-        bags.ids(in_features),
-        input_rows,
-        bags.per_assignment(in_features),
-        mode="sum",
-        per_sample_weights=x_rows.to(input_rows.dtype).flatten(),
-    )
+    weights = x_rows.to(input_rows.dtype).flatten()
+    return _weighted_bag_sums(input_rows, bags.ids(in_features), bags.offsets(in_features), weights)
 
 
 def rank_rows(lora_b: torch.Tensor) -> torch.Tensor:
@@ -50,19 +46,43 @@ class RankBags:
     def __init__(self, group_ids: torch.Tensor) -> None:
         self.group_ids = group_ids
         self._ids: dict[int, torch.Tensor] = {}
+        self._offsets: dict[int, torch.Tensor] = {}
 
     def ids(self, width: int) -> torch.Tensor:
         """[P * width]: rows g * width .. g * width + width - 1 of each assignment's group g,
         assignment by assignment (width R: B's rank rows; width `in`: A's input rows)."""
         if width not in self._ids:
-            offsets = torch.arange(width, device=self.group_ids.device)
-            self._ids[width] = (self.group_ids[:, None] * width + offsets).flatten()
+            first_rows = self.group_ids[:, None] * width  # [P, 1]
+            self._ids[width] = (first_rows + _row_offsets(width, self.group_ids.device)).view(-1)
         return self._ids[width]
 
-    def per_assignment(self, width: int) -> torch.Tensor:
+    def offsets(self, width: int) -> torch.Tensor:
         """[P] offsets into ids(width): one bag per assignment."""
-        count = self.group_ids.shape[0]
-        return torch.arange(0, count * width, width, device=self.group_ids.device)
+        if width not in self._offsets:
+            count = self.group_ids.shape[0]
+            self._offsets[width] = torch.arange(
+                0, count * width, width, device=self.group_ids.device
+            )
+        return self._offsets[width]
+
+
+@functools.cache
+def _row_offsets(width: int, device: torch.device) -> torch.Tensor:
+    """[width] int64 0 .. width - 1, shared read-only by every RankBags (one per width)."""
+    return torch.arange(width, device=device)
+
+
+def _weighted_bag_sums(
+    table: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """[num_bags, width]: out[b] = sum of weights[i] * table[ids[i]] over bag b's entries.
+
+    torch.embedding_bag rather than F.embedding_bag: the functional's argument checks cost
+    about ten Python-level calls per use, a measurable share of a decode step's hundreds of bag
+    calls (bench/RESULTS.md, session 17); every bag here is well formed by construction.
+    """
+    sums, _, _, _ = torch.embedding_bag(table, ids, offsets, False, 0, False, weights, False, None)
+    return sums
 
 
 def bag_expand(
@@ -71,6 +91,4 @@ def bag_expand(
     """out[b] = sum over the assignments p of bag b of B_g(p) coef[p]: coef [P, R] (assignments
     in bag_ids order), lora_b [..., out, R], offsets [num_bags] into bag_ids. Returns
     [num_bags, out]."""
-    return F.embedding_bag(
-        bag_ids, rank_rows(lora_b), offsets, mode="sum", per_sample_weights=coef.flatten()
-    )
+    return _weighted_bag_sums(rank_rows(lora_b), bag_ids, offsets, coef.flatten())

@@ -142,29 +142,38 @@ def lora_apply(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     segments: Segments,
-    coef: torch.Tensor,
+    coef: torch.Tensor | None,
     out: torch.Tensor,
     *,
     group_ranks: torch.Tensor | None = None,
+    group_scale: torch.Tensor | None = None,
 ) -> None:
     """A routed site's whole delta, accumulated in place.
 
     Semantics: ``out[r(p)] += coef[p] * (x[r(p)] @ lora_a[g(p)]^T) @ lora_b[g(p)]^T``, i.e.
     `lora_shrink` (gathering rows) then `lora_expand` (scattering rows); the CPU reference may
-    instead run the step's groups densely when that is cheaper.
+    instead run the step's groups densely when that is cheaper. With coef None,
+    ``coef[p] = segments.weights[p] * group_scale[g(p)]`` (a site's per-group LoRA scale): the
+    CPU reference then scales whole groups at once where it pads them.
 
-    Shapes: x [N, K]; lora_a [G, R, K]; lora_b [G, N_out, R] (same dtype as x); coef [P] float32;
-    out [N, N_out] (may be a strided view); group_ranks [G] int32 or None.
+    Shapes: x [N, K]; lora_a [G, R, K]; lora_b [G, N_out, R] (same dtype as x); coef [P] float32
+    or None; group_scale [G] float32 (needed when coef is None); out [N, N_out] (may be a
+    strided view); group_ranks [G] int32 or None.
     """
+    if coef is None and group_scale is None:
+        raise ValueError("lora_apply needs coef or group_scale")
     if use_triton(x):
         from mixserve.kernels.lora import triton as device
 
+        if coef is None:
+            assert group_scale is not None
+            coef = segments.weights * group_scale[segments.group_ids]
         s = device.lora_shrink(x, lora_a, segments, gather_rows=True, group_ranks=group_ranks)
         device.lora_expand(
             s, lora_b, segments, coef, out, scatter_rows=True, group_ranks=group_ranks
         )
         return
-    reference.lora_apply(x, lora_a, lora_b, segments, coef, out)
+    reference.lora_apply(x, lora_a, lora_b, segments, coef, out, group_scale)
 
 
 __all__ = ["lora_apply", "lora_expand", "lora_expand_pair", "lora_shrink", "lora_shrink_pair"]

@@ -58,26 +58,48 @@ def lora_expand(
     scaled = s[:count] * coef[:count].to(s.dtype)[:, None]
     # Rank-row bags (no GEMM call per group): a view on the pool's B, a copy for other layouts.
     rank, bags = lora_b.shape[2], RankBags(segments.group_ids)
-    delta = bag_expand(scaled, lora_b, bags.ids(rank), bags.per_assignment(rank))  # [P, N_out]
+    delta = bag_expand(scaled, lora_b, bags.ids(rank), bags.offsets(rank))  # [P, N_out]
     if scatter_rows:
         out.index_add_(0, segments.row_ids, delta.to(out.dtype))
     else:
         out[:count] += delta.to(out.dtype)
 
 
-def _padded_layout(segments: Segments) -> tuple[PaddedGroups, torch.Tensor] | None:
-    """padded_groups of the (trimmed) segments and, for each of its U * M places, the row it
-    reads and adds to, built once per Segments. A padding place takes the first assignment's
-    row: its coef is 0, so it adds zeros to that row (non-finite x there already makes the
-    row's own delta non-finite)."""
+def _padded_layout(
+    segments: Segments,
+) -> tuple[PaddedGroups, torch.Tensor, torch.Tensor] | None:
+    """padded_groups of the (trimmed) segments; for each of its U * M places, the row it reads
+    and adds to; the weights padded to [U, M, 1]. Built once per Segments. A padding place takes
+    the first assignment's row: its coef is 0, so it adds zeros to that row (non-finite x there
+    already makes the row's own delta non-finite)."""
     if "padded" not in segments.memo:
         padded = padded_groups(segments.group_ids)
         layout = None
         if padded is not None:
             place_rows = segments.row_ids[:1].repeat(padded.num_groups * padded.max_rows)
-            layout = (padded, place_rows.index_copy_(0, padded.flat_pos, segments.row_ids))
+            place_rows.index_copy_(0, padded.flat_pos, segments.row_ids)
+            layout = (padded, place_rows, padded.pad(segments.weights[:, None]))
         segments.memo["padded"] = layout
-    return cast("tuple[PaddedGroups, torch.Tensor] | None", segments.memo["padded"])
+    return cast("tuple[PaddedGroups, torch.Tensor, torch.Tensor] | None", segments.memo["padded"])
+
+
+def _apply_padded(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    padded: PaddedGroups,
+    place_rows: torch.Tensor,
+    place_coef: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """out[place_rows] += place_coef * (x[place_rows] A^T) B^T over the padded layout; place_coef
+    [U, M, 1] float32, 0 at padding places."""
+    shape = (padded.num_groups, padded.max_rows, -1)
+    rows = x.index_select(0, place_rows).view(shape)  # [U, M, in]
+    s = torch.bmm(rows, padded.groups_of(lora_a).mT)  # [U, M, R]
+    s.mul_(place_coef if place_coef.dtype == s.dtype else place_coef.to(s.dtype))
+    delta = torch.bmm(s, padded.groups_of(lora_b).mT).view(place_rows.shape[0], -1)  # [U*M, out]
+    out.index_add_(0, place_rows, delta if delta.dtype == out.dtype else delta.to(out.dtype))
 
 
 def _runs_layout(segments: Segments) -> tuple[RowRuns, Segments | None] | None:
@@ -119,10 +141,13 @@ def lora_apply(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     segments: Segments,
-    coef: torch.Tensor,
+    coef: torch.Tensor | None,
     out: torch.Tensor,
+    group_scale: torch.Tensor | None = None,
 ) -> None:
-    """Shrink then expand, by one of four equivalent strategies.
+    """Shrink then expand, by one of four equivalent strategies. coef [P], or None with
+    group_scale [G]: coef = segments.weights * group_scale[group_ids] (the padded strategy then
+    scales each group's rows at once, from the layout's memo).
 
     - runs: assignments whose rows are consecutive rows of one group (prefill chunks), at least
       MIN_RUN_ROWS of them, as plain GEMMs on row slices; the rest by one of:
@@ -139,6 +164,17 @@ def lora_apply(
     count = segments.num_assignments
     if count == 0:
         return
+    if coef is None:
+        if group_scale is None:
+            raise ValueError("lora_apply needs coef or group_scale")
+        runs = _runs_layout(segments)
+        layout = _padded_layout(segments) if runs is None else None
+        if layout is not None:
+            padded, place_rows, padded_weights = layout
+            place_coef = padded_weights * padded.groups_of(group_scale).view(-1, 1, 1)
+            _apply_padded(x, lora_a, lora_b, padded, place_rows, place_coef, out)
+            return
+        coef = segments.weights * group_scale.index_select(0, segments.group_ids)
     coef = coef[:count]  # a padded coef beside padded segments
     runs = _runs_layout(segments)
     if runs is not None:
@@ -149,13 +185,9 @@ def lora_apply(
         segments, coef, count = rest, coef.index_select(0, rest_ids), rest_ids.shape[0]
     layout = _padded_layout(segments)
     if layout is not None:
-        padded, place_rows = layout
-        shape = (padded.num_groups, padded.max_rows, -1)
-        rows = x.index_select(0, place_rows).view(shape)  # [U, M, in]
-        s = torch.bmm(rows, padded.groups_of(lora_a).transpose(1, 2))  # [U, M, R]
-        s.mul_(padded.pad(coef.to(x.dtype)[:, None]))  # padding places: 0
-        delta = torch.bmm(s, padded.groups_of(lora_b).transpose(1, 2))  # [U, M, out]
-        out.index_add_(0, place_rows, delta.view(place_rows.shape[0], -1).to(out.dtype))
+        padded, place_rows, _ = layout
+        place_coef = padded.pad(coef[:, None])  # padding places: 0
+        _apply_padded(x, lora_a, lora_b, padded, place_rows, place_coef, out)
         return
     num_rows = x.shape[0]
     rank, in_features = lora_a.shape[1], lora_a.shape[2]

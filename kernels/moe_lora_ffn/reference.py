@@ -85,7 +85,7 @@ def _selected_pairs(
     def expand(lora: ExpertLora, shrunk: torch.Tensor) -> torch.Tensor:  # [P, out]
         rank = lora.lora_a.shape[2]
         shrunk.mul_(lora.scale.index_select(0, group_ids).to(x.dtype)[:, None])  # [P, R]
-        return bag_expand(shrunk, lora.lora_b, bags.ids(rank), bags.per_assignment(rank))
+        return bag_expand(shrunk, lora.lora_b, bags.ids(rank), bags.offsets(rank))
 
     rank = gate.lora_a.shape[2]
     joint = joint_lora_a(gate.lora_a, up.lora_a)

@@ -9,6 +9,7 @@ also runs once per token and only the routed down-LoRA deltas scale with k.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,9 @@ from mixserve.model.layers import linear
 from mixserve.model.lora import add_site_delta
 
 
+@functools.cache
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    # ACT2FN builds a new nn.Module at every lookup: once per name, not once per layer and step.
     return ACT2FN[name]
 
 

@@ -54,5 +54,13 @@ def add_site_delta(
     stack = lora.stacks.sites[site]
     lora_a = stack.lora_a[layer_idx].flatten(0, 1)  # [S*E, R, in]
     lora_b = stack.lora_b[layer_idx].flatten(0, 1)  # [S*E, out, R]
-    coef = segments.weights * stack.scale[layer_idx][segments.group_ids]
-    lora_apply(x, lora_a, lora_b, segments, coef, out, group_ranks=stack.group_ranks)
+    lora_apply(
+        x,
+        lora_a,
+        lora_b,
+        segments,
+        None,
+        out,
+        group_ranks=stack.group_ranks,
+        group_scale=stack.scale[layer_idx],
+    )

@@ -271,6 +271,36 @@ def test_whole_delta_is_the_routed_lora_delta(scenario, dtype, path, monkeypatch
     assert_matches(out, want, dtype)
 
 
+@pytest.mark.parametrize("name", ["few_slots", "decode_grid", "decode_irregular"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["apply_auto", "apply_dense", "apply_segmented"])
+def test_lora_apply_with_group_scale_equals_its_per_assignment_coef(name, dtype, path, monkeypatch):
+    """coef None with a per-group scale (how the model calls it: the site's scale of the layer)
+    is coef = weights * group_scale[group] on every strategy, the padded one included."""
+    scenario = SCENARIOS[name]
+    batch = make_batch(scenario, dtype, seed=23)
+    num_groups = batch.lora_a.shape[0]
+    group_scale = torch.rand(num_groups, generator=torch.Generator().manual_seed(24)) + 0.5
+    coef = batch.segments.weights * group_scale[batch.segments.group_ids]
+    if path != "apply_auto":
+        dense = path == "apply_dense"
+        monkeypatch.setattr(reference, "padded_groups", lambda group_ids: None)
+        monkeypatch.setattr(reference, "dense_range_is_cheaper", lambda *args: dense)
+    outs = []
+    for per_assignment in (True, False):
+        seg = Segments(batch.segments.row_ids, batch.segments.group_ids, batch.segments.weights)
+        out = torch.zeros(scenario.num_tokens, scenario.out_features, dtype=dtype)
+        if per_assignment:
+            lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, coef, out)
+        else:
+            lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, None, out, group_scale=group_scale)
+        outs.append(out)
+    assert outs[0].abs().sum() > 0
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="coef or group_scale"):
+        lora_apply(batch.x, batch.lora_a, batch.lora_b, batch.segments, None, outs[0])
+
+
 @pytest.mark.parametrize("name", ["few_slots", "decode_irregular"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", WHOLE_DELTA_PATHS[1:])
