@@ -57,7 +57,10 @@ def lora_expand(
         return
     scaled = s[:count] * coef[:count].to(s.dtype)[:, None]
     # Rank-row bags (no GEMM call per group): a view on the pool's B, a copy for other layouts.
-    rank, bags = lora_b.shape[2], RankBags(segments.group_ids)
+    # Their indices live in the Segments' memo: the pair op expands the same segments twice.
+    if "rank_bags" not in segments.memo:
+        segments.memo["rank_bags"] = RankBags(segments.group_ids)
+    rank, bags = lora_b.shape[2], cast("RankBags", segments.memo["rank_bags"])
     delta = bag_expand(scaled, lora_b, bags.ids(rank), bags.offsets(rank))  # [P, N_out]
     if scatter_rows:
         out.index_add_(0, segments.row_ids, delta.to(out.dtype))

@@ -39,9 +39,10 @@ def route(
     router [S, E, K] float32. Returns [N, E] float32.
 
     memo: an optional dict for calls that share slot_ids and params (every layer of a step): the
-    CPU reference keeps its per-row settings there, built on the first call, so slot_ids and
-    params must not change while it is in use. The Triton version reads each row's settings in
-    the kernel and ignores it.
+    CPU reference keeps its per-row settings there, built on the first call and reused while
+    the same slot_ids and params objects come back (other objects rebuild them), so those must
+    not change in place while it is in use. The Triton version reads each row's settings in the
+    kernel and ignores it.
     """
     if use_triton(x):
         # Imported on first use: triton reads TRITON_INTERPRET when the kernels are defined.

@@ -145,15 +145,19 @@ def route(
     params: RoutingParams,
     memo: dict[str, object] | None = None,
 ) -> torch.Tensor:
-    """memo: see the wrapper; holds the _RowSettings of slot_ids."""
+    """memo: see the wrapper; holds the _RowSettings of slot_ids, with the slot_ids and params
+    objects they were built from: a call with other objects rebuilds them (so a memo handed to
+    other rows costs a rebuild, never a wrong routing; in-place changes stay the caller's)."""
     num_rows, num_experts_max = x.shape[0], router.shape[1]
     if num_rows == 0:
         return torch.zeros((0, num_experts_max), dtype=torch.float32, device=x.device)
-    settings = memo.get("row_settings") if memo is not None else None
-    if not isinstance(settings, _RowSettings):
+    memoized = memo.get("row_settings") if memo is not None else None
+    if isinstance(memoized, tuple) and memoized[0] is slot_ids and memoized[1] is params:
+        settings = memoized[2]
+    else:
         settings = _row_settings(slot_ids, params, num_experts_max)
         if memo is not None:
-            memo["row_settings"] = settings
+            memo["row_settings"] = (slot_ids, params, settings)
     logits = segment_matmul(
         x.to(torch.float32), router.transpose(1, 2), slot_ids, group_range=settings.group_range
     )  # [N, E]

@@ -140,3 +140,22 @@ def test_a_memo_shared_by_the_layers_of_a_step_gives_each_layer_its_own_routing(
         got = route(x, slot_ids, router, params, memo)
         assert torch.equal(got, want)
         assert "row_settings" in memo
+
+
+def test_a_memo_handed_other_rows_rebuilds_their_settings():
+    """The memo remembers which slot_ids and params it was built for: other rows (or other
+    params) with the same memo route by their own slots, not the memoized ones."""
+    params = make_params(MIXED_SLOTS)
+    gen = torch.Generator().manual_seed(95)
+    memo: dict[str, object] = {}
+    x, router = make_inputs(60, 24, 8, len(MIXED_SLOTS), seed=96)
+    first = torch.randint(0, len(MIXED_SLOTS), (60,), generator=gen)
+    route(x, first, router, params, memo)
+    built = memo["row_settings"]
+    again = route(x, first, router, params, memo)
+    assert memo["row_settings"] is built  # the same objects: reused
+    other = torch.flip(first, (0,))
+    want, _ = check_route(x, other, router, MIXED_SLOTS)
+    assert torch.equal(route(x, other, router, params, memo), want)
+    assert memo["row_settings"] is not built
+    assert torch.equal(again, check_route(x, first, router, MIXED_SLOTS)[0])
