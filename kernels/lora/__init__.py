@@ -160,14 +160,10 @@ def lora_apply(
     or None; group_scale [G] float32 (needed when coef is None); out [N, N_out] (may be a
     strided view); group_ranks [G] int32 or None.
     """
-    if coef is None and group_scale is None:
-        raise ValueError("lora_apply needs coef or group_scale")
     if use_triton(x):
         from mixserve.kernels.lora import triton as device
 
-        if coef is None:
-            assert group_scale is not None
-            coef = segments.weights * group_scale[segments.group_ids]
+        coef = reference.assignment_coef(segments, coef, group_scale)
         s = device.lora_shrink(x, lora_a, segments, gather_rows=True, group_ranks=group_ranks)
         device.lora_expand(
             s, lora_b, segments, coef, out, scatter_rows=True, group_ranks=group_ranks

@@ -139,6 +139,17 @@ def _apply_runs(
             out[row_lo:row_hi] += (s @ lora_b[group].T).to(out.dtype)
 
 
+def assignment_coef(
+    segments: Segments, coef: torch.Tensor | None, group_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """lora_apply's per-assignment coef: as given, else weights * group_scale[group_ids]."""
+    if coef is not None:
+        return coef
+    if group_scale is None:
+        raise ValueError("lora_apply needs coef or group_scale")
+    return segments.weights * group_scale.index_select(0, segments.group_ids)
+
+
 def lora_apply(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -167,19 +178,15 @@ def lora_apply(
     count = segments.num_assignments
     if count == 0:
         return
-    if coef is None:
-        if group_scale is None:
-            raise ValueError("lora_apply needs coef or group_scale")
-        runs = _runs_layout(segments)
-        layout = _padded_layout(segments) if runs is None else None
-        if layout is not None:
+    runs = _runs_layout(segments)
+    if coef is None and group_scale is not None and runs is None:
+        layout = _padded_layout(segments)
+        if layout is not None:  # whole groups scaled at once: no per-assignment coef
             padded, place_rows, padded_weights = layout
             place_coef = padded_weights * padded.groups_of(group_scale).view(-1, 1, 1)
             _apply_padded(x, lora_a, lora_b, padded, place_rows, place_coef, out)
             return
-        coef = segments.weights * group_scale.index_select(0, segments.group_ids)
-    coef = coef[:count]  # a padded coef beside padded segments
-    runs = _runs_layout(segments)
+    coef = assignment_coef(segments, coef, group_scale)[:count]  # padded coef: its valid prefix
     if runs is not None:
         _apply_runs(x, lora_a, lora_b, runs[0], coef, out)
         rest, rest_ids = runs[1], runs[0].rest
