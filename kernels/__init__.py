@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from mixserve.kernels.assignments import Segments, build_segments, concat_segments
 from mixserve.kernels.lora import (
+    joint_lora_a,
     lora_apply,
+    lora_apply_joint,
     lora_expand,
     lora_expand_pair,
     lora_shrink,
@@ -26,7 +28,9 @@ __all__ = [
     "Segments",
     "build_segments",
     "concat_segments",
+    "joint_lora_a",
     "lora_apply",
+    "lora_apply_joint",
     "lora_expand",
     "lora_expand_pair",
     "lora_shrink",

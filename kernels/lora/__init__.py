@@ -12,11 +12,14 @@ outputs hold zeros there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from mixserve.kernels._dispatch import use_triton
 from mixserve.kernels.assignments import Segments
 from mixserve.kernels.lora import reference
+from mixserve.kernels.lora.reference import joint_lora_a
 
 
 def lora_shrink(
@@ -172,4 +175,51 @@ def lora_apply(
     reference.lora_apply(x, lora_a, lora_b, segments, coef, out, group_scale)
 
 
-__all__ = ["lora_apply", "lora_expand", "lora_expand_pair", "lora_shrink", "lora_shrink_pair"]
+def lora_apply_joint(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
+    segments: Segments,
+    out: torch.Tensor,
+    *,
+    group_scales: Sequence[torch.Tensor],
+    group_ranks: Sequence[torch.Tensor] | None = None,
+) -> None:
+    """n routed sites that read the same rows with the same segments (q/k/v, gate/up of plain
+    LoRA adapters), accumulated in place into their outputs side by side.
+
+    Semantics: for each site i, ``lora_apply(x, lora_a[:, i R : (i + 1) R], lora_bs[i],
+    segments, None, out[:, c_i : c_i + out_i], group_scale=group_scales[i])`` where c_i is the
+    sum of the earlier sites' widths. The CPU reference gathers and shrinks x once for all n.
+
+    Shapes: x [N, K]; lora_a [G, n R, K] (`joint_lora_a` of the n sites' A); lora_bs n x
+    [G, out_i, R]; group_scales n x [G] float32; out [N, sum out_i]; group_ranks n x [G] int32
+    or None.
+    """
+    if use_triton(x):
+        parts = reference.joint_parts(lora_a, lora_bs, out)
+        for i, (part_a, lora_b, part_out) in enumerate(parts):
+            ranks = None if group_ranks is None else group_ranks[i]
+            lora_apply(
+                x,
+                part_a,
+                lora_b,
+                segments,
+                None,
+                part_out,
+                group_ranks=ranks,
+                group_scale=group_scales[i],
+            )
+        return
+    reference.lora_apply_joint(x, lora_a, lora_bs, segments, out, group_scales)
+
+
+__all__ = [
+    "joint_lora_a",
+    "lora_apply",
+    "lora_apply_joint",
+    "lora_expand",
+    "lora_expand_pair",
+    "lora_shrink",
+    "lora_shrink_pair",
+]

@@ -28,34 +28,13 @@ from mixserve.kernels._rank_bags import (
 )
 from mixserve.kernels.assignments.reference import build_segments
 from mixserve.kernels.assignments.segments import Segments
-from mixserve.kernels.lora.reference import lora_shrink
+from mixserve.kernels.lora.reference import joint_lora_a, lora_shrink
 
 if TYPE_CHECKING:
     from mixserve.kernels.moe_lora_ffn import ExpertLora
 
 Act = Callable[[torch.Tensor], torch.Tensor]
 SHRINKS = ("auto", "bags", "grouped")
-
-
-def joint_lora_a(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
-    """[S * E, 2R, in]: gate's and up's A (first, second [S, E, R, in]) as one view, where they
-    are the two halves of one [S, E, in, 2, R] storage (the adapter pool's); else None."""
-    num_slots, num_experts, rank, in_features = first.shape
-    width = 2 * rank
-    storage_strides = (num_experts * in_features * width, in_features * width, 1, width)
-    if (
-        second.shape != first.shape
-        or second.dtype != first.dtype
-        or first.stride() != storage_strides
-        or second.stride() != storage_strides
-        or second.data_ptr() - first.data_ptr() != rank * first.element_size()
-    ):
-        return None
-    return first.as_strided(
-        (num_slots * num_experts, width, in_features),
-        (in_features * width, 1, width),
-        first.storage_offset(),
-    )
 
 
 def _selected_pairs(

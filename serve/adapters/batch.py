@@ -34,15 +34,23 @@ def build_lora_batch(
     rows_all = torch.nonzero(has_adapter, as_tuple=True)[0]
     slots_all = token_slots[rows_all]
     sites: dict[str, SiteBatch] = {}
+    # Sites with the same plain rows and expert count share one Segments object: its layouts are
+    # built once, and joint sites (q/k/v) recognise each other by it.
+    built: list[tuple[torch.Tensor, int, Segments]] = []
     for proj, kinds in pool.site_kinds.items():
         kind = kinds[slots_all]
         plain_mask = kind == int(SiteKind.LORA)
         routed_mask = kind == int(SiteKind.ROUTED)
         plain = routed_rows = routed_slots = None
         if bool(plain_mask.any()):
-            plain = _plain_segments(
-                rows_all[plain_mask], slots_all[plain_mask], pool.stacks.sites[proj].num_experts
+            experts = pool.stacks.sites[proj].num_experts
+            plain = next(
+                (seg for mask, e, seg in built if e == experts and torch.equal(mask, plain_mask)),
+                None,
             )
+            if plain is None:
+                plain = _plain_segments(rows_all[plain_mask], slots_all[plain_mask], experts)
+                built.append((plain_mask, experts, plain))
         if bool(routed_mask.any()):
             routed_rows, routed_slots = rows_all[routed_mask], slots_all[routed_mask]
         if plain is not None or routed_rows is not None:

@@ -20,6 +20,8 @@ from mixserve.model.arch import ATTENTION_PROJECTIONS, PROJECTIONS, ArchConfig
 from mixserve.model.context import AdapterStacks, SiteStack
 
 RANK_ALIGNMENT = 8  # keeps every stacked row 16-byte aligned for bf16/fp16 grouped GEMMs
+# Sites whose input is the layer's hidden state, read by all of them: one A storage per tuple.
+JOINT_A_SITES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -112,17 +114,20 @@ class AdapterPool:
         layers, rank = arch.num_layers, shape.max_rank
         self._sites: dict[str, SiteStack] = {}
         zeros = {"dtype": dtype, "device": self.device}
-        # gate and up read the same rows: their A share one [.., in, 2, R] storage, so a CPU
-        # shrink reads both in one pass (kernels/moe_lora_ffn/reference.py, joint_lora_a).
-        gate_up_a = torch.zeros(
-            layers, num_slots, shape.mlp_experts, arch.hidden_size, 2, rank, **zeros
-        )
+        # Sites that read the same rows (q/k/v, and gate/up) keep their A in one [.., in, n, R]
+        # storage, so a CPU shrink reads x once for all of them (kernels.joint_lora_a).
+        joint_a = {}
+        for group in JOINT_A_SITES:
+            experts = shape.experts(group[0])
+            storage = torch.zeros(
+                layers, num_slots, experts, arch.hidden_size, len(group), rank, **zeros
+            )
+            joint_a.update({proj: storage[..., i, :] for i, proj in enumerate(group)})
         for proj in PROJECTIONS:
             experts = shape.experts(proj)
             in_f, out_f = arch.projection_shape(proj)
-            if proj in ("gate_proj", "up_proj"):
-                lora_a = gate_up_a[..., 0 if proj == "gate_proj" else 1, :]
-            else:
+            lora_a = joint_a.get(proj)
+            if lora_a is None:
                 lora_a = torch.zeros(layers, num_slots, experts, in_f, rank, **zeros)
             router = None
             if shape.has_router(proj):

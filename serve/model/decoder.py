@@ -16,7 +16,7 @@ from mixserve.model.arch import ArchConfig
 from mixserve.model.context import ForwardContext, LoraBatch
 from mixserve.model.ffn import mlp_forward
 from mixserve.model.layers import Rotary, linear, rms_norm
-from mixserve.model.lora import add_site_delta
+from mixserve.model.lora import add_site_delta, add_site_deltas
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +70,7 @@ class DecoderModel:
         qkv = linear(x, w.qkv_weight, w.qkv_bias)  # [T, q + 2kv]
         lora: LoraBatch | None = ctx.lora
         if lora is not None:
-            add_site_delta(lora, "q_proj", layer_idx, x, qkv[:, :q_size])
-            add_site_delta(lora, "k_proj", layer_idx, x, qkv[:, q_size : q_size + kv_size])
-            add_site_delta(lora, "v_proj", layer_idx, x, qkv[:, q_size + kv_size :])
+            add_site_deltas(lora, ("q_proj", "k_proj", "v_proj"), layer_idx, x, qkv)
         q = qkv[:, :q_size].view(num_tokens, arch.num_heads, arch.head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(num_tokens, arch.num_kv_heads, arch.head_dim)
         v = qkv[:, q_size + kv_size :].view(num_tokens, arch.num_kv_heads, arch.head_dim)

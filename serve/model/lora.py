@@ -1,4 +1,5 @@
-"""Adapter deltas at one projection site: plain LoRA and plugin-MoE experts in one routed call."""
+"""Adapter deltas at projection sites: plain LoRA and plugin-MoE experts in one routed call per
+site, or one call for sites that share their input rows (q/k/v)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from mixserve.kernels import (
     Segments,
     build_segments,
     concat_segments,
+    joint_lora_a,
     lora_apply,
+    lora_apply_joint,
     route,
 )
 from mixserve.model.context import LoraBatch, count_routed
@@ -64,3 +67,40 @@ def add_site_delta(
         group_ranks=stack.group_ranks,
         group_scale=stack.scale[layer_idx],
     )
+
+
+def add_site_deltas(
+    lora: LoraBatch, sites: tuple[str, ...], layer_idx: int, x: torch.Tensor, out: torch.Tensor
+) -> None:
+    """add_site_delta for sites that read the same x and write side by side into out's columns
+    (q/k/v of a fused qkv projection), in that order. Where every one of them holds the same
+    plain-LoRA rows (one Segments object) and their A share one storage (the pool's), one joint
+    call gathers and shrinks x once for all of them."""
+    batches = [lora.sites.get(site) for site in sites]
+    stacks = [lora.stacks.sites[site] for site in sites]
+    first = batches[0]
+    if (
+        first is not None
+        and first.plain is not None
+        and all(
+            batch is not None and batch.routed_rows is None and batch.plain is first.plain
+            for batch in batches
+        )
+    ):
+        joint = joint_lora_a(*(stack.lora_a[layer_idx] for stack in stacks))
+        if joint is not None:
+            lora_apply_joint(
+                x,
+                joint,
+                [stack.lora_b[layer_idx].flatten(0, 1) for stack in stacks],
+                first.plain,
+                out,
+                group_scales=[stack.scale[layer_idx] for stack in stacks],
+                group_ranks=[stack.group_ranks for stack in stacks],
+            )
+            return
+    col = 0
+    for site, stack in zip(sites, stacks, strict=True):
+        width = stack.lora_b.shape[-2]
+        add_site_delta(lora, site, layer_idx, x, out[:, col : col + width])
+        col += width

@@ -1,6 +1,7 @@
 """What the routed-LoRA op tests share (tests/kernels/test_lora_ops.py for the reference,
 tests/kernels/triton/lora_triton_cases.py for Triton): dtypes with their tolerances, the ranks
-mixed in one batch, and the shape of a test scenario."""
+mixed in one batch, the shape of a test scenario, and the joint-site cases with their oracle
+(tests/kernels/test_lora_apply_joint.py and its Triton twin)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
+from mixserve.kernels import Segments
+from mixserve.kernels.lora import reference
 
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
@@ -55,3 +59,61 @@ def lora_stacks(sc: Scenario, gen: torch.Generator) -> tuple[torch.Tensor, torch
     lora_b = padded_stack(sc.num_groups, ranks, sc.out_features, max_rank, 2, gen)
     lora_b = lora_b / torch.tensor(ranks, dtype=torch.float32).sqrt()[:, None, None]
     return lora_a, lora_b, ranks
+
+
+JOINT_GROUPS, JOINT_RANK, JOINT_HIDDEN = 12, 8, 40
+JOINT_WIDTHS = (40, 16, 16)  # q, k, v of a grouped-query layer
+JOINT_RANKS = (4, 8, 8)  # each site's true rank: q's is the smallest, zero-padded to 8
+
+
+@dataclass(frozen=True)
+class JointSites:
+    """Sites whose A share one [G, in, n, R] storage (as the pool keeps q/k/v)."""
+
+    lora_as: list[torch.Tensor]  # n x [G, R, in] views of the storage
+    lora_bs: list[torch.Tensor]  # n x [G, out_i, R]
+    scales: list[torch.Tensor]  # n x [G] float32
+    group_ranks: list[torch.Tensor]  # n x [G] int32
+
+
+def joint_sites(dtype: torch.dtype, gen: torch.Generator) -> JointSites:
+    shape = (JOINT_GROUPS, JOINT_HIDDEN, len(JOINT_WIDTHS), JOINT_RANK)
+    storage = torch.randn(*shape, generator=gen) / 4
+    lora_bs = []
+    for i, (width, rank) in enumerate(zip(JOINT_WIDTHS, JOINT_RANKS, strict=True)):
+        storage[:, :, i, rank:] = 0
+        lora_bs.append(padded_stack(JOINT_GROUPS, [rank] * JOINT_GROUPS, width, JOINT_RANK, 2, gen))
+    storage = storage.to(dtype)
+    return JointSites(
+        [storage[:, :, i].mT for i in range(len(JOINT_WIDTHS))],
+        [(b / 3).to(dtype) for b in lora_bs],
+        [torch.rand(JOINT_GROUPS, generator=gen) + 0.5 for _ in JOINT_WIDTHS],
+        [torch.full((JOINT_GROUPS,), r, dtype=torch.int32) for r in JOINT_RANKS],
+    )
+
+
+def joint_segments(layout: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """(row_ids, group_ids, weights) sorted by group, one assignment per row listed (weights not
+    all 1, as routed sites have), in the layout named."""
+    if layout == "padded":  # decode: two rows per group, not consecutive
+        groups = torch.arange(24) % JOINT_GROUPS
+    elif layout == "runs":  # two prefill chunks of one group each
+        groups = torch.tensor([3] * 20 + [7] * 18)
+    elif layout == "runs_and_rest":  # a chunk, then decode rows of other groups
+        groups = torch.tensor([5] * 24 + [0, 2, 2, 9, 11])
+    else:  # "fallback": groups of many rows, not consecutive: neither runs nor padding pays
+        groups = torch.arange(40) % 3
+    rows = torch.arange(groups.shape[0])
+    order = torch.argsort(groups, stable=True)
+    weights = torch.rand(rows.shape[0], generator=gen) + 0.25
+    return rows[order], groups[order], weights[order]
+
+
+def per_site(x: torch.Tensor, sites: JointSites, segments: Segments, out: torch.Tensor) -> None:
+    """The joint ops' oracle: the reference lora_apply of each site on its columns of out."""
+    col = 0
+    for lora_a, lora_b, scale in zip(sites.lora_as, sites.lora_bs, sites.scales, strict=True):
+        width = lora_b.shape[1]
+        part = out[:, col : col + width]
+        reference.lora_apply(x, lora_a, lora_b, segments, None, part, group_scale=scale)
+        col += width

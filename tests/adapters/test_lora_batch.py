@@ -1,0 +1,80 @@
+"""build_lora_batch shares one plain Segments among sites with the same rows; the model's joint
+q/k/v call (add_site_deltas) equals the three site calls, jointly or per site."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support.pool_helpers import FULL, load_tiny
+
+from mixserve.adapters import AdapterPool
+from mixserve.adapters.batch import build_lora_batch
+from mixserve.kernels import joint_lora_a
+from mixserve.model import lora as model_lora
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+@pytest.fixture
+def pool(tmp_path, arch) -> AdapterPool:
+    """Slot 0: plain LoRA on every attention site; slot 1: plain LoRA on q only; slot 2: MoLA
+    (routed experts) on k."""
+    pool = AdapterPool(arch, FULL, 3, torch.float32, "cpu")
+    attn = ("q_proj", "k_proj", "v_proj", "o_proj")
+    pool.load(0, load_tiny(tmp_path, arch, None, "all", targets=attn, r=8))
+    pool.load(1, load_tiny(tmp_path, arch, None, "q", targets=("q_proj",), r=16))
+    pool.load(2, load_tiny(tmp_path, arch, "mola", "mola", targets=("k_proj",)))
+    return pool
+
+
+def test_pool_keeps_qkv_and_gate_up_a_in_one_storage(pool):
+    sites = pool.stacks.sites
+    assert joint_lora_a(*(sites[p].lora_a[0] for p in QKV)) is not None
+    assert joint_lora_a(sites["gate_proj"].lora_a[0], sites["up_proj"].lora_a[0]) is not None
+    assert joint_lora_a(sites["o_proj"].lora_a[0], sites["down_proj"].lora_a[0]) is None
+
+
+def test_sites_with_the_same_plain_rows_share_one_segments(pool):
+    batch = build_lora_batch(pool, torch.tensor([0, 0, -1, 1, 0]))
+    assert batch is not None
+    sites = batch.sites
+    assert sites["k_proj"].plain is sites["v_proj"].plain is sites["o_proj"].plain
+    assert sites["q_proj"].plain is not sites["k_proj"].plain  # q also has slot 1's row
+    assert sites["q_proj"].plain.row_ids.tolist() == [0, 1, 4, 3]
+    assert sites["k_proj"].plain.row_ids.tolist() == [0, 1, 4]
+
+
+def _qkv(pool, token_slots, x, joint_calls):
+    batch = build_lora_batch(pool, torch.tensor(token_slots))
+    assert batch is not None
+    widths = [pool.stacks.sites[p].lora_b.shape[-2] for p in QKV]
+    base = torch.randn(x.shape[0], sum(widths), generator=torch.Generator().manual_seed(1))
+    separate, joint = base.clone(), base.clone()
+    col = 0
+    for proj, width in zip(QKV, widths, strict=True):
+        model_lora.add_site_delta(batch, proj, 1, x, separate[:, col : col + width])
+        col += width
+    before = len(joint_calls)
+    model_lora.add_site_deltas(batch, QKV, 1, x, joint)
+    return base, separate, joint, len(joint_calls) > before
+
+
+@pytest.mark.parametrize(
+    ("token_slots", "takes_joint"),
+    [
+        ([0, 0, -1, 0, 0, 0], True),  # every q/k/v row the same: one call
+        ([0, 0, -1, 1, 0, 0], False),  # q has a row k and v do not
+        ([0, 2, 0, 0, 2, -1], False),  # k has routed rows
+    ],
+)
+def test_joint_qkv_equals_the_three_site_calls(pool, arch, monkeypatch, token_slots, takes_joint):
+    joint_calls: list[int] = []
+    real = model_lora.lora_apply_joint
+    monkeypatch.setattr(
+        model_lora, "lora_apply_joint", lambda *a, **k: joint_calls.append(1) or real(*a, **k)
+    )
+    x = torch.randn(len(token_slots), arch.hidden_size, generator=torch.Generator().manual_seed(0))
+    base, separate, joint, took_joint = _qkv(pool, token_slots, x, joint_calls)
+    assert took_joint == takes_joint
+    assert not torch.equal(separate, base)  # the adapters change something
+    torch.testing.assert_close(joint, separate, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,71 @@
+"""lora_apply_joint (sites sharing rows and segments, q/k/v) against lora_apply per site on the
+output's column slices, for each layout the reference takes: padded groups (decode), row runs
+(prefill chunks) with and without a rest, and the per-site fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support.lora_cases import (
+    DTYPES,
+    JOINT_HIDDEN,
+    TOL,
+    joint_segments,
+    joint_sites,
+    per_site,
+)
+
+from mixserve.kernels import Segments, joint_lora_a, lora_apply_joint
+from mixserve.kernels.lora import reference
+
+LAYOUTS = ["padded", "runs", "runs_and_rest", "fallback"]
+
+
+def joint_case(layout: str, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    sites = joint_sites(dtype, gen)
+    tensors = joint_segments(layout, gen)
+    num_rows = int(tensors[0].max()) + 3  # rows past the last assignment stay untouched
+    x = torch.randn(num_rows, JOINT_HIDDEN, generator=gen).to(dtype)
+    base = torch.randn(num_rows, sum(b.shape[1] for b in sites.lora_bs), generator=gen).to(dtype)
+    want = base.clone()
+    per_site(x, sites, Segments(*tensors), want)
+    return sites, tensors, x, base, want
+
+
+def assert_joint_matches(got, want, base, dtype) -> None:
+    scale = float(want.abs().max())
+    assert float((got.float() - want.float()).abs().max()) / scale < TOL[dtype]
+    assert torch.equal(got[-2:], base[-2:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_joint_sites_equal_each_site_on_its_columns(layout, dtype, monkeypatch):
+    sites, tensors, x, base, want = joint_case(layout, dtype, 3)
+    per_site_calls: list[int] = []
+    real_apply = reference.lora_apply
+    monkeypatch.setattr(
+        reference,
+        "lora_apply",
+        lambda *a, **k: per_site_calls.append(1) or real_apply(*a, **k),
+    )
+    got = base.clone()
+    joint = joint_lora_a(*sites.lora_as)
+    assert joint is not None
+    lora_apply_joint(x, joint, sites.lora_bs, Segments(*tensors), got, group_scales=sites.scales)
+    assert_joint_matches(got, want, base, dtype)
+    # x is gathered and shrunk once for all sites, except where no shared layout applies.
+    assert len(per_site_calls) == (len(sites.lora_as) if layout == "fallback" else 0)
+
+
+def test_joint_view_only_for_consecutive_slices_of_one_storage():
+    storage = torch.randn(2, 5, 10, 3, 8)  # [S, E, in, n, R]
+    q, k, v = (storage[..., i, :].mT for i in range(3))  # [S, E, R, in]
+    joint = joint_lora_a(q, k, v)
+    assert joint is not None and joint.shape == (10, 24, 10)
+    for i, part in enumerate((q, k, v)):
+        assert torch.equal(joint[:, 8 * i : 8 * (i + 1)], part.flatten(0, 1))
+    assert joint_lora_a(q, k) is None  # two of a storage of three slices
+    assert joint_lora_a(q, v, k) is None  # out of order
+    assert joint_lora_a(q, k, v.contiguous()) is None
