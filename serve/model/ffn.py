@@ -18,7 +18,7 @@ from transformers.activations import ACT2FN
 from mixserve.kernels import ExpertLora, moe_lora_ffn, route
 from mixserve.model.context import LoraBatch, count_routed
 from mixserve.model.layers import linear
-from mixserve.model.lora import add_site_delta
+from mixserve.model.lora import add_site_delta, add_site_deltas
 
 
 @functools.cache
@@ -79,8 +79,7 @@ def mlp_forward(
     if lora is None:
         return linear(act(gate) * up, down_weight, down_bias)
 
-    add_site_delta(lora, "gate_proj", layer_idx, x, gate)
-    add_site_delta(lora, "up_proj", layer_idx, x, up)
+    add_site_deltas(lora, ("gate_proj", "up_proj"), layer_idx, x, gate_up)
 
     ffn = lora.ffn
     if ffn is None:

@@ -1,5 +1,5 @@
 """build_lora_batch shares one plain Segments among sites with the same rows; the model's joint
-q/k/v call (add_site_deltas) equals the three site calls, jointly or per site."""
+q/k/v and gate/up calls (add_site_deltas) equal the site calls, jointly or per site."""
 
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ from mixserve.kernels import joint_lora_a
 from mixserve.model import lora as model_lora
 
 QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
 
 
 @pytest.fixture
 def pool(tmp_path, arch) -> AdapterPool:
-    """Slot 0: plain LoRA on every attention site; slot 1: plain LoRA on q only; slot 2: MoLA
-    (routed experts) on k."""
+    """Slot 0: plain LoRA on every site; slot 1: plain LoRA on q and up; slot 2: MoLA (routed
+    experts) on k."""
     pool = AdapterPool(arch, FULL, 3, torch.float32, "cpu")
-    attn = ("q_proj", "k_proj", "v_proj", "o_proj")
-    pool.load(0, load_tiny(tmp_path, arch, None, "all", targets=attn, r=8))
-    pool.load(1, load_tiny(tmp_path, arch, None, "q", targets=("q_proj",), r=16))
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    pool.load(0, load_tiny(tmp_path, arch, None, "all", targets=every, r=8))
+    pool.load(1, load_tiny(tmp_path, arch, None, "q", targets=("q_proj", "up_proj"), r=16))
     pool.load(2, load_tiny(tmp_path, arch, "mola", "mola", targets=("k_proj",)))
     return pool
 
@@ -44,37 +45,39 @@ def test_sites_with_the_same_plain_rows_share_one_segments(pool):
     assert sites["k_proj"].plain.row_ids.tolist() == [0, 1, 4]
 
 
-def _qkv(pool, token_slots, x, joint_calls):
+def _deltas(pool, sites, token_slots, x, joint_calls):
     batch = build_lora_batch(pool, torch.tensor(token_slots))
     assert batch is not None
-    widths = [pool.stacks.sites[p].lora_b.shape[-2] for p in QKV]
+    widths = [pool.stacks.sites[p].lora_b.shape[-2] for p in sites]
     base = torch.randn(x.shape[0], sum(widths), generator=torch.Generator().manual_seed(1))
     separate, joint = base.clone(), base.clone()
     col = 0
-    for proj, width in zip(QKV, widths, strict=True):
+    for proj, width in zip(sites, widths, strict=True):
         model_lora.add_site_delta(batch, proj, 1, x, separate[:, col : col + width])
         col += width
     before = len(joint_calls)
-    model_lora.add_site_deltas(batch, QKV, 1, x, joint)
+    model_lora.add_site_deltas(batch, sites, 1, x, joint)
     return base, separate, joint, len(joint_calls) > before
 
 
 @pytest.mark.parametrize(
-    ("token_slots", "takes_joint"),
+    ("sites", "token_slots", "takes_joint"),
     [
-        ([0, 0, -1, 0, 0, 0], True),  # every q/k/v row the same: one call
-        ([0, 0, -1, 1, 0, 0], False),  # q has a row k and v do not
-        ([0, 2, 0, 0, 2, -1], False),  # k has routed rows
+        (QKV, [0, 0, -1, 0, 0, 0], True),  # every q/k/v row the same: one call
+        (QKV, [0, 0, -1, 1, 0, 0], False),  # q has a row k and v do not
+        (QKV, [0, 2, 0, 0, 2, -1], False),  # k has routed rows
+        (GATE_UP, [0, 2, 0, -1, 2, 0], True),  # slot 2 has no MLP sites
+        (GATE_UP, [0, 1, 0, 0], False),  # up has a row gate does not
     ],
 )
-def test_joint_qkv_equals_the_three_site_calls(pool, arch, monkeypatch, token_slots, takes_joint):
+def test_joint_sites_equal_the_site_calls(pool, arch, monkeypatch, sites, token_slots, takes_joint):
     joint_calls: list[int] = []
     real = model_lora.lora_apply_joint
     monkeypatch.setattr(
         model_lora, "lora_apply_joint", lambda *a, **k: joint_calls.append(1) or real(*a, **k)
     )
     x = torch.randn(len(token_slots), arch.hidden_size, generator=torch.Generator().manual_seed(0))
-    base, separate, joint, took_joint = _qkv(pool, token_slots, x, joint_calls)
+    base, separate, joint, took_joint = _deltas(pool, sites, token_slots, x, joint_calls)
     assert took_joint == takes_joint
     assert not torch.equal(separate, base)  # the adapters change something
     torch.testing.assert_close(joint, separate, rtol=1e-5, atol=1e-6)
