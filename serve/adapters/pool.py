@@ -116,13 +116,15 @@ class AdapterPool:
         zeros = {"dtype": dtype, "device": self.device}
         # Sites that read the same rows (q/k/v, and gate/up) keep their A in one [.., in, n, R]
         # storage, so a CPU shrink reads x once for all of them (kernels.joint_lora_a).
-        joint_a = {}
+        joint_a, joint_views = {}, {}
         for group in JOINT_A_SITES:
             experts = shape.experts(group[0])
             storage = torch.zeros(
                 layers, num_slots, experts, arch.hidden_size, len(group), rank, **zeros
             )
             joint_a.update({proj: storage[..., i, :] for i, proj in enumerate(group)})
+            # [L, S * E, n R, in]: as joint_lora_a builds it from the sites' [.., R, in] views
+            joint_views[group] = storage.flatten(1, 2).flatten(-2).mT
         for proj in PROJECTIONS:
             experts = shape.experts(proj)
             in_f, out_f = arch.projection_shape(proj)
@@ -170,7 +172,10 @@ class AdapterPool:
         self.activations: list[str | None] = [None] * num_slots
         self.names: list[str | None] = [None] * num_slots
         self.stacks = AdapterStacks(
-            sites=self._sites, ffn_router=self._ffn_router, routing=self.routing
+            sites=self._sites,
+            ffn_router=self._ffn_router,
+            routing=self.routing,
+            joint_lora_a=joint_views,
         )
 
     def clear(self, slot: int, overwritten_by: AdapterWeights | None = None) -> None:

@@ -42,6 +42,9 @@ class AdapterStacks:
     sites: Mapping[str, SiteStack]  # by projection name: q_proj ... down_proj
     ffn_router: torch.Tensor | None  # [L, S, E, H] float32, MixLoRA's router per layer
     routing: RoutingParams  # per-slot selection rule and its settings
+    # Sites whose A share one storage (q/k/v, gate/up), by their names in storage order: the
+    # joint A [L, S * E, n R, in] (kernels.joint_lora_a per layer), for one shrink of all n.
+    joint_lora_a: Mapping[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ from mixserve.kernels import (
     Segments,
     build_segments,
     concat_segments,
-    joint_lora_a,
     lora_apply,
     lora_apply_joint,
     route,
@@ -74,31 +73,31 @@ def add_site_deltas(
 ) -> None:
     """add_site_delta for sites that read the same x and write side by side into out's columns
     (q/k/v of a fused qkv projection), in that order. Where every one of them holds the same
-    plain-LoRA rows (one Segments object) and their A share one storage (the pool's), one joint
-    call gathers and shrinks x once for all of them."""
+    plain-LoRA rows (one Segments object) and the pool keeps their A in one storage
+    (AdapterStacks.joint_lora_a), one joint call gathers and shrinks x once for all of them."""
     batches = [lora.sites.get(site) for site in sites]
     stacks = [lora.stacks.sites[site] for site in sites]
     first = batches[0]
+    joint = lora.stacks.joint_lora_a.get(sites)
     if (
-        first is not None
+        joint is not None
+        and first is not None
         and first.plain is not None
         and all(
             batch is not None and batch.routed_rows is None and batch.plain is first.plain
             for batch in batches
         )
     ):
-        joint = joint_lora_a(*(stack.lora_a[layer_idx] for stack in stacks))
-        if joint is not None:
-            lora_apply_joint(
-                x,
-                joint,
-                [stack.lora_b[layer_idx].flatten(0, 1) for stack in stacks],
-                first.plain,
-                out,
-                group_scales=[stack.scale[layer_idx] for stack in stacks],
-                group_ranks=[stack.group_ranks for stack in stacks],
-            )
-            return
+        lora_apply_joint(
+            x,
+            joint[layer_idx],
+            [stack.lora_b[layer_idx].flatten(0, 1) for stack in stacks],
+            first.plain,
+            out,
+            group_scales=[stack.scale[layer_idx] for stack in stacks],
+            group_ranks=[stack.group_ranks for stack in stacks],
+        )
+        return
     col = 0
     for site, stack in zip(sites, stacks, strict=True):
         width = stack.lora_b.shape[-2]

@@ -30,8 +30,12 @@ def pool(tmp_path, arch) -> AdapterPool:
 
 def test_pool_keeps_qkv_and_gate_up_a_in_one_storage(pool):
     sites = pool.stacks.sites
-    assert joint_lora_a(*(sites[p].lora_a[0] for p in QKV)) is not None
-    assert joint_lora_a(sites["gate_proj"].lora_a[0], sites["up_proj"].lora_a[0]) is not None
+    assert set(pool.stacks.joint_lora_a) == {QKV, GATE_UP}
+    for group, joint in pool.stacks.joint_lora_a.items():
+        for layer in range(joint.shape[0]):
+            view = joint_lora_a(*(sites[p].lora_a[layer] for p in group))
+            assert view is not None and view.data_ptr() == joint[layer].data_ptr()
+            assert view.stride() == joint[layer].stride() and torch.equal(view, joint[layer])
     assert joint_lora_a(sites["o_proj"].lora_a[0], sites["down_proj"].lora_a[0]) is None
 
 
