@@ -276,8 +276,7 @@ def lora_apply_joint(
     segments = segments.trimmed()
     if segments.num_assignments == 0:
         return
-    rank = lora_bs[0].shape[2]
-    widths = [b.shape[1] for b in lora_bs]
+    num_sites, rank = len(lora_bs), lora_bs[0].shape[2]
     scales = torch.stack(list(group_scales), dim=1)  # [G, n]
     runs = _runs_layout(segments)
     rest: Segments | None = segments
@@ -287,15 +286,13 @@ def lora_apply_joint(
         for row_lo, row_hi, p_lo, group in runs[0].runs:
             s = x[row_lo:row_hi] @ lora_a[group].T  # [rows, n * R]
             part_coef = coef[p_lo : p_lo + row_hi - row_lo].to(s.dtype)  # [rows, n]
-            s = s.view(row_hi - row_lo, len(widths), rank).mul_(part_coef[:, :, None])
-            col = 0
-            for i, (width, lora_b) in enumerate(zip(widths, lora_bs, strict=True)):
-                target = out[row_lo:row_hi, col : col + width]
+            s = s.view(row_hi - row_lo, num_sites, rank).mul_(part_coef[:, :, None])
+            for i, (_, lora_b, part_out) in enumerate(joint_parts(lora_a, lora_bs, out)):
+                target = part_out[row_lo:row_hi]
                 if out.dtype == s.dtype:
                     target.addmm_(s[:, i], lora_b[group].T)
                 else:
                     target += (s[:, i] @ lora_b[group].T).to(out.dtype)
-                col += width
         rest = runs[1]
         if rest is None:
             return
@@ -315,7 +312,7 @@ def lora_apply_joint(
     shape = (padded.num_groups, padded.max_rows, -1)
     rows = x.index_select(0, place_rows).view(shape)  # [U, M, in]
     s = torch.bmm(rows, padded.groups_of(lora_a).mT)  # [U, M, n * R]
-    s = s.view(*s.shape[:2], len(widths), rank).mul_(place_coef[..., None].to(s.dtype))
+    s = s.view(*s.shape[:2], num_sites, rank).mul_(place_coef[..., None].to(s.dtype))
     deltas = [
         torch.bmm(s[:, :, i], padded.groups_of(lora_b).mT) for i, lora_b in enumerate(lora_bs)
     ]  # n x [U, M, out_i]
