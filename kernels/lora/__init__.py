@@ -18,8 +18,8 @@ import torch
 
 from mixserve.kernels._dispatch import use_triton
 from mixserve.kernels.assignments import Segments
-from mixserve.kernels.lora import reference
-from mixserve.kernels.lora.reference import joint_lora_a
+from mixserve.kernels.lora import joint, reference
+from mixserve.kernels.lora.joint import joint_lora_a
 
 
 def lora_shrink(
@@ -185,8 +185,9 @@ def lora_apply_joint(
     group_scales: Sequence[torch.Tensor],
     group_ranks: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """n routed sites that read the same rows with the same segments (q/k/v, gate/up of plain
-    LoRA adapters), accumulated in place into their outputs side by side.
+    """n plain sites (group_scale, no per-call coef) that read the same rows with the same
+    segments (q/k/v, gate/up of plain LoRA adapters), accumulated in place into their outputs
+    side by side.
 
     Semantics: for each site i, ``lora_apply(x, lora_a[:, i R : (i + 1) R], lora_bs[i],
     segments, None, out[:, c_i : c_i + out_i], group_scale=group_scales[i])`` where c_i is the
@@ -197,7 +198,7 @@ def lora_apply_joint(
     or None.
     """
     if use_triton(x):
-        parts = reference.joint_parts(lora_a, lora_bs, out)
+        parts = joint.joint_parts(lora_a, lora_bs, out)
         for i, (part_a, lora_b, part_out) in enumerate(parts):
             ranks = None if group_ranks is None else group_ranks[i]
             lora_apply(
@@ -211,7 +212,7 @@ def lora_apply_joint(
                 group_scale=group_scales[i],
             )
         return
-    reference.lora_apply_joint(x, lora_a, lora_bs, segments, out, group_scales)
+    joint.lora_apply_joint(x, lora_a, lora_bs, segments, out, group_scales)
 
 
 __all__ = [

@@ -28,7 +28,8 @@ from mixserve.kernels._rank_bags import (
 )
 from mixserve.kernels.assignments.reference import build_segments
 from mixserve.kernels.assignments.segments import Segments
-from mixserve.kernels.lora.reference import joint_lora_a, lora_shrink
+from mixserve.kernels.lora.joint import joint_lora_a
+from mixserve.kernels.lora.reference import lora_shrink
 
 if TYPE_CHECKING:
     from mixserve.kernels.moe_lora_ffn import ExpertLora

@@ -114,10 +114,15 @@ class AdapterPool:
         layers, rank = arch.num_layers, shape.max_rank
         self._sites: dict[str, SiteStack] = {}
         zeros = {"dtype": dtype, "device": self.device}
-        # Sites that read the same rows (q/k/v, and gate/up) keep their A in one [.., in, n, R]
-        # storage, so a CPU shrink reads x once for all of them (kernels.joint_lora_a).
-        joint_a, joint_views = {}, {}
+        # Sites that read the same rows keep their A in one [.., in, n, R] storage, so a CPU
+        # shrink reads x once for all of them (kernels.joint_lora_a). gate/up always: the MoE
+        # FFN's joint shrink reads both. q/k/v on CPU only: the Triton path shrinks each site on
+        # its own, and a 3R row stride would cost it bandwidth (not measured on a GPU yet).
+        joint_a: dict[str, torch.Tensor] = {}
+        joint_views: dict[tuple[str, ...], torch.Tensor] = {}
         for group in JOINT_A_SITES:
+            if len(group) > 2 and self.device.type != "cpu":
+                continue
             experts = shape.experts(group[0])
             storage = torch.zeros(
                 layers, num_slots, experts, arch.hidden_size, len(group), rank, **zeros

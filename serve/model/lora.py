@@ -71,10 +71,11 @@ def add_site_delta(
 def add_site_deltas(
     lora: LoraBatch, sites: tuple[str, ...], layer_idx: int, x: torch.Tensor, out: torch.Tensor
 ) -> None:
-    """add_site_delta for sites that read the same x and write side by side into out's columns
-    (q/k/v of a fused qkv projection), in that order. Where every one of them holds the same
-    plain-LoRA rows (one Segments object) and the pool keeps their A in one storage
-    (AdapterStacks.joint_lora_a), one joint call gathers and shrinks x once for all of them."""
+    """add_site_delta for sites that read the same x [T, in] and write side by side into out's
+    columns (out [T, sum out_i]: q/k/v of a fused qkv projection), in that order. Where every
+    one of them holds the same plain-LoRA rows (one Segments object) and the pool keeps their A
+    in one storage (AdapterStacks.joint_lora_a), one joint call gathers and shrinks x once for
+    all of them."""
     batches = [lora.sites.get(site) for site in sites]
     stacks = [lora.stacks.sites[site] for site in sites]
     first = batches[0]

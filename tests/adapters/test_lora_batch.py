@@ -16,16 +16,20 @@ QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 
 
-@pytest.fixture
-def pool(tmp_path, arch) -> AdapterPool:
+def _pool(tmp_path, arch, dtype: torch.dtype) -> AdapterPool:
     """Slot 0: plain LoRA on every site; slot 1: plain LoRA on q and up; slot 2: MoLA (routed
     experts) on k."""
-    pool = AdapterPool(arch, FULL, 3, torch.float32, "cpu")
+    pool = AdapterPool(arch, FULL, 3, dtype, "cpu")
     every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     pool.load(0, load_tiny(tmp_path, arch, None, "all", targets=every, r=8))
     pool.load(1, load_tiny(tmp_path, arch, None, "q", targets=("q_proj", "up_proj"), r=16))
     pool.load(2, load_tiny(tmp_path, arch, "mola", "mola", targets=("k_proj",)))
     return pool
+
+
+@pytest.fixture
+def pool(tmp_path, arch) -> AdapterPool:
+    return _pool(tmp_path, arch, torch.float32)
 
 
 def test_pool_keeps_qkv_and_gate_up_a_in_one_storage(pool):
@@ -36,7 +40,14 @@ def test_pool_keeps_qkv_and_gate_up_a_in_one_storage(pool):
             view = joint_lora_a(*(sites[p].lora_a[layer] for p in group))
             assert view is not None and view.data_ptr() == joint[layer].data_ptr()
             assert view.stride() == joint[layer].stride() and torch.equal(view, joint[layer])
-    assert joint_lora_a(sites["o_proj"].lora_a[0], sites["down_proj"].lora_a[0]) is None
+    # Same shapes, separate storages: no joint view.
+    assert joint_lora_a(sites["q_proj"].lora_a[0], sites["k_proj"].lora_a[0].clone()) is None
+
+
+def test_qkv_a_stay_separate_off_cpu(arch):
+    """The Triton path shrinks each site on its own: only gate/up share a storage there."""
+    pool = AdapterPool(arch, FULL, 1, torch.float32, "meta")
+    assert set(pool.stacks.joint_lora_a) == {GATE_UP}
 
 
 def test_sites_with_the_same_plain_rows_share_one_segments(pool):
@@ -54,6 +65,7 @@ def _deltas(pool, sites, token_slots, x, joint_calls):
     assert batch is not None
     widths = [pool.stacks.sites[p].lora_b.shape[-2] for p in sites]
     base = torch.randn(x.shape[0], sum(widths), generator=torch.Generator().manual_seed(1))
+    base = base.to(x.dtype)
     separate, joint = base.clone(), base.clone()
     col = 0
     for proj, width in zip(sites, widths, strict=True):
@@ -85,3 +97,24 @@ def test_joint_sites_equal_the_site_calls(pool, arch, monkeypatch, sites, token_
     assert took_joint == takes_joint
     assert not torch.equal(separate, base)  # the adapters change something
     torch.testing.assert_close(joint, separate, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_sites_on_a_prefill_chunk_and_decode_rows(tmp_path, arch, dtype, monkeypatch):
+    """A 20-row prefill chunk (a row run) plus decode rows (padded), in both pool dtypes."""
+    joint_calls: list[int] = []
+    real = model_lora.lora_apply_joint
+    monkeypatch.setattr(
+        model_lora, "lora_apply_joint", lambda *a, **k: joint_calls.append(1) or real(*a, **k)
+    )
+    pool = _pool(tmp_path, arch, dtype)
+    token_slots = [0] * 20 + [0, -1, 0, 0]
+    x = torch.randn(len(token_slots), arch.hidden_size, generator=torch.Generator().manual_seed(2))
+    for sites in (QKV, GATE_UP):
+        base, separate, joint, took_joint = _deltas(
+            pool, sites, token_slots, x.to(dtype), joint_calls
+        )
+        assert took_joint and not torch.equal(separate, base)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        scale = float(separate.float().abs().max())
+        assert float((joint.float() - separate.float()).abs().max()) / scale < tol

@@ -1,6 +1,7 @@
 """lora_apply_joint (sites sharing rows and segments, q/k/v) against lora_apply per site on the
 output's column slices, for each layout the reference takes: padded groups (decode), row runs
-(prefill chunks) with and without a rest, and the per-site fallback."""
+(prefill chunks) with and without a rest, and the per-site fallback (alone, and for the rest of
+row runs, with per-assignment coefs)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from support.lora_cases import (
 )
 
 from mixserve.kernels import Segments, joint_lora_a, lora_apply_joint
-from mixserve.kernels.lora import reference
+from mixserve.kernels.lora import joint as joint_ref
 
-LAYOUTS = ["padded", "runs", "runs_and_rest", "fallback"]
+LAYOUTS = ["padded", "runs", "runs_and_rest", "runs_and_fallback", "fallback"]
 
 
 def joint_case(layout: str, dtype: torch.dtype, seed: int):
@@ -44,9 +45,9 @@ def assert_joint_matches(got, want, base, dtype) -> None:
 def test_joint_sites_equal_each_site_on_its_columns(layout, dtype, monkeypatch):
     sites, tensors, x, base, want = joint_case(layout, dtype, 3)
     per_site_calls: list[int] = []
-    real_apply = reference.lora_apply
+    real_apply = joint_ref.lora_apply
     monkeypatch.setattr(
-        reference,
+        joint_ref,
         "lora_apply",
         lambda *a, **k: per_site_calls.append(1) or real_apply(*a, **k),
     )
@@ -56,7 +57,19 @@ def test_joint_sites_equal_each_site_on_its_columns(layout, dtype, monkeypatch):
     lora_apply_joint(x, joint, sites.lora_bs, Segments(*tensors), got, group_scales=sites.scales)
     assert_joint_matches(got, want, base, dtype)
     # x is gathered and shrunk once for all sites, except where no shared layout applies.
-    assert len(per_site_calls) == (len(sites.lora_as) if layout == "fallback" else 0)
+    per_site_layouts = ("fallback", "runs_and_fallback")
+    assert len(per_site_calls) == (len(sites.lora_as) if layout in per_site_layouts else 0)
+
+
+def test_joint_sites_refuse_mismatched_widths():
+    sites, tensors, x, base, _ = joint_case("padded", torch.float32, 3)
+    joint = joint_lora_a(*sites.lora_as)
+    assert joint is not None
+    wider = torch.zeros(base.shape[0], base.shape[1] + 1)
+    with pytest.raises(ValueError, match="joint sites"):
+        lora_apply_joint(
+            x, joint, sites.lora_bs, Segments(*tensors), wider, group_scales=sites.scales
+        )
 
 
 def test_joint_view_only_for_consecutive_slices_of_one_storage():

@@ -101,6 +101,8 @@ def joint_segments(layout: str, gen: torch.Generator) -> tuple[torch.Tensor, ...
         groups = torch.tensor([3] * 20 + [7] * 18)
     elif layout == "runs_and_rest":  # a chunk, then decode rows of other groups
         groups = torch.tensor([5] * 24 + [0, 2, 2, 9, 11])
+    elif layout == "runs_and_fallback":  # a chunk, then 12 rows of one group, not consecutive
+        groups = torch.tensor([4] * 20 + [1, 6] * 12)
     else:  # "fallback": groups of many rows, not consecutive: neither runs nor padding pays
         groups = torch.arange(40) % 3
     rows = torch.arange(groups.shape[0])
