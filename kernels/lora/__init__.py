@@ -198,7 +198,7 @@ def lora_apply_joint(
     or None.
     """
     if use_triton(x):
-        parts = joint.joint_parts(lora_a, lora_bs, out)
+        parts = reference.joint_parts(lora_a, lora_bs, out)
         for i, (part_a, lora_b, part_out) in enumerate(parts):
             ranks = None if group_ranks is None else group_ranks[i]
             lora_apply(

@@ -7,6 +7,7 @@ zero, so `group_ranks` changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import cast
 
 import torch
@@ -86,22 +87,43 @@ def _padded_layout(
     return cast("tuple[PaddedGroups, torch.Tensor, torch.Tensor] | None", segments.memo["padded"])
 
 
+def joint_parts(
+    lora_a: torch.Tensor, lora_bs: Sequence[torch.Tensor], out: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each of n sites applied together: (its A [G, R, in] of the joint [G, n R, in], its B, its
+    column slice of out [N, sum out_i])."""
+    rank, col = lora_bs[0].shape[2], 0
+    for i, lora_b in enumerate(lora_bs):
+        width = lora_b.shape[1]
+        yield lora_a[:, i * rank : (i + 1) * rank], lora_b, out[:, col : col + width]
+        col += width
+
+
 def _apply_padded(
     x: torch.Tensor,
     lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
     padded: PaddedGroups,
     place_rows: torch.Tensor,
     place_coef: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """out[place_rows] += place_coef * (x[place_rows] A^T) B^T over the padded layout; place_coef
-    [U, M, 1] float32, 0 at padding places."""
+    """out[place_rows] += place_coef * (x[place_rows] A^T) B^T over the padded layout, for n
+    sites at once (x gathered and shrunk once); place_coef [U, M, n] float32, 0 at padding
+    places."""
+    num_sites, rank = len(lora_bs), lora_bs[0].shape[2]
     shape = (padded.num_groups, padded.max_rows, -1)
     rows = x.index_select(0, place_rows).view(shape)  # [U, M, in]
-    s = torch.bmm(rows, padded.groups_of(lora_a).mT)  # [U, M, R]
-    s.mul_(place_coef if place_coef.dtype == s.dtype else place_coef.to(s.dtype))
-    delta = torch.bmm(s, padded.groups_of(lora_b).mT).view(place_rows.shape[0], -1)  # [U*M, out]
+    s = torch.bmm(rows, padded.groups_of(lora_a).mT)  # [U, M, n R]
+    if num_sites == 1:  # no split: fewer ops on the decode step's hot path
+        s.mul_(place_coef if place_coef.dtype == s.dtype else place_coef.to(s.dtype))
+        delta = torch.bmm(s, padded.groups_of(lora_bs[0]).mT)  # [U, M, out]
+    else:
+        s = s.view(*s.shape[:2], num_sites, rank).mul_(place_coef[..., None].to(s.dtype))
+        delta = torch.cat(
+            [torch.bmm(s[:, :, i], padded.groups_of(b).mT) for i, b in enumerate(lora_bs)], dim=2
+        )  # [U, M, sum out_i]
+    delta = delta.view(place_rows.shape[0], -1)  # [U * M, sum out_i]
     out.index_add_(0, place_rows, delta if delta.dtype == out.dtype else delta.to(out.dtype))
 
 
@@ -124,19 +146,24 @@ def _runs_layout(segments: Segments) -> tuple[RowRuns, Segments | None] | None:
 def _apply_runs(
     x: torch.Tensor,
     lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
     runs: RowRuns,
     coef: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """Each run as plain GEMMs on its row slice: out[rows] += (coef * x[rows] A^T) B^T."""
+    """Each run as plain GEMMs on its row slice, one shrink for the n sites: out[rows] +=
+    (coef * x[rows] A^T) B^T; coef [P, n]."""
+    num_sites, rank = len(lora_bs), lora_bs[0].shape[2]
     for row_lo, row_hi, p_lo, group in runs.runs:
-        s = x[row_lo:row_hi] @ lora_a[group].T  # [n, R]
-        s.mul_(coef[p_lo : p_lo + row_hi - row_lo, None].to(s.dtype))
-        if out.dtype == s.dtype:
-            out[row_lo:row_hi].addmm_(s, lora_b[group].T)
-        else:
-            out[row_lo:row_hi] += (s @ lora_b[group].T).to(out.dtype)
+        s = x[row_lo:row_hi] @ lora_a[group].T  # [rows, n R]
+        run_coef = coef[p_lo : p_lo + row_hi - row_lo, :, None].to(s.dtype)  # [rows, n, 1]
+        s = s.view(row_hi - row_lo, num_sites, rank).mul_(run_coef)
+        for i, (_, lora_b, part_out) in enumerate(joint_parts(lora_a, lora_bs, out)):
+            target = part_out[row_lo:row_hi]
+            if out.dtype == s.dtype:
+                target.addmm_(s[:, i], lora_b[group].T)
+            else:
+                target += (s[:, i] @ lora_b[group].T).to(out.dtype)
 
 
 def assignment_coef(
@@ -174,31 +201,70 @@ def lora_apply(
       elsewhere). U times the FLOPs, but two large GEMMs and no per-group work: the cheaper one
       while rows x groups is small (decode steps; a few adapters in a prefill).
     """
+    site_coef = None if coef is None else coef[:, None]
+    site_scales = None if group_scale is None else [group_scale]
+    lora_apply_sites(x, lora_a, [lora_b], segments, site_coef, out, site_scales)
+
+
+def lora_apply_sites(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
+    segments: Segments,
+    coef: torch.Tensor | None,
+    out: torch.Tensor,
+    group_scales: Sequence[torch.Tensor] | None,
+) -> None:
+    """lora_apply for n sites on the same segments whose outputs lie side by side in out
+    [N, sum out_i]: lora_a [G, n R, in] (one site's A, or joint_lora_a of n), lora_bs n x
+    [G, out_i, R]; coef [P, n], or None with group_scales n x [G]. Row runs and padded groups
+    gather and shrink x once for all n; the other strategies run site by site."""
     segments = segments.trimmed()
     count = segments.num_assignments
     if count == 0:
         return
+    scales = None
+    if group_scales is not None:  # [G, n]
+        scales = group_scales[0][:, None] if len(lora_bs) == 1 else torch.stack(group_scales, 1)
     runs = _runs_layout(segments)
-    if coef is None and group_scale is not None and runs is None:
+    if coef is None and scales is not None and runs is None:
         layout = _padded_layout(segments)
         if layout is not None:  # whole groups scaled at once: no per-assignment coef
             padded, place_rows, padded_weights = layout
-            place_coef = padded_weights * padded.groups_of(group_scale).view(-1, 1, 1)
-            _apply_padded(x, lora_a, lora_b, padded, place_rows, place_coef, out)
+            place_coef = padded_weights * padded.groups_of(scales).unsqueeze(1)  # [U, M, n]
+            _apply_padded(x, lora_a, lora_bs, padded, place_rows, place_coef, out)
             return
-    coef = assignment_coef(segments, coef, group_scale)[:count]  # padded coef: its valid prefix
+    if coef is None:
+        if scales is None:
+            raise ValueError("lora_apply needs coef or group_scale")
+        coef = segments.weights[:, None] * scales.index_select(0, segments.group_ids)
+    coef = coef[:count]  # [P, n]; a padded coef: its valid prefix
     if runs is not None:
-        _apply_runs(x, lora_a, lora_b, runs[0], coef, out)
+        _apply_runs(x, lora_a, lora_bs, runs[0], coef, out)
         rest, rest_ids = runs[1], runs[0].rest
         if rest is None or rest_ids is None:
             return
-        segments, coef, count = rest, coef.index_select(0, rest_ids), rest_ids.shape[0]
+        segments, coef = rest, coef.index_select(0, rest_ids)
     layout = _padded_layout(segments)
     if layout is not None:
         padded, place_rows, _ = layout
-        place_coef = padded.pad(coef[:, None])  # padding places: 0
-        _apply_padded(x, lora_a, lora_b, padded, place_rows, place_coef, out)
+        place_coef = padded.pad(coef)  # [U, M, n], padding places: 0
+        _apply_padded(x, lora_a, lora_bs, padded, place_rows, place_coef, out)
         return
+    for i, (part_a, lora_b, part_out) in enumerate(joint_parts(lora_a, lora_bs, out)):
+        _apply_unpadded(x, part_a, lora_b, segments, coef[:, i].contiguous(), part_out)
+
+
+def _apply_unpadded(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    segments: Segments,
+    coef: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """One site by the segmented or the dense strategy (lora_apply), whichever is cheaper."""
+    count = segments.num_assignments
     num_rows = x.shape[0]
     rank, in_features = lora_a.shape[1], lora_a.shape[2]
     out_features = lora_b.shape[1]

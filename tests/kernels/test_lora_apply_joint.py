@@ -17,7 +17,7 @@ from support.lora_cases import (
 )
 
 from mixserve.kernels import Segments, joint_lora_a, lora_apply_joint
-from mixserve.kernels.lora import joint as joint_ref
+from mixserve.kernels.lora import reference
 
 LAYOUTS = ["padded", "runs", "runs_and_rest", "runs_and_fallback", "fallback"]
 
@@ -45,10 +45,10 @@ def assert_joint_matches(got, want, base, dtype) -> None:
 def test_joint_sites_equal_each_site_on_its_columns(layout, dtype, monkeypatch):
     sites, tensors, x, base, want = joint_case(layout, dtype, 3)
     per_site_calls: list[int] = []
-    real_apply = joint_ref.lora_apply
+    real_apply = reference._apply_unpadded  # the per-site strategies
     monkeypatch.setattr(
-        joint_ref,
-        "lora_apply",
+        reference,
+        "_apply_unpadded",
         lambda *a, **k: per_site_calls.append(1) or real_apply(*a, **k),
     )
     got = base.clone()
