@@ -29,6 +29,15 @@ class Segments:
             return int(self.num_valid)
         return int(self.row_ids.shape[0])
 
+    def subset(self, positions: torch.Tensor) -> Segments:
+        """The assignments at positions ([P'] int64, ascending: the result stays sorted by
+        group), as new Segments with an empty memo."""
+        return Segments(
+            self.row_ids.index_select(0, positions),
+            self.group_ids.index_select(0, positions),
+            self.weights.index_select(0, positions),
+        )
+
     def trimmed(self) -> Segments:
         """The valid prefix as exact-size Segments (num_valid None); syncs when padded."""
         if self.num_valid is None:

@@ -19,6 +19,7 @@ from mixserve.kernels._grouped import (
     grouped_matmul,
     padded_groups,
     row_runs,
+    split_past_padded_rows,
 )
 from mixserve.kernels._rank_bags import RankBags, bag_expand
 from mixserve.kernels.assignments.segments import Segments
@@ -134,11 +135,7 @@ def _runs_layout(segments: Segments) -> tuple[RowRuns, Segments | None] | None:
         runs = row_runs(segments.row_ids, segments.group_ids)
         rest = None
         if runs is not None and runs.rest is not None:
-            rest = Segments(
-                segments.row_ids.index_select(0, runs.rest),
-                segments.group_ids.index_select(0, runs.rest),
-                segments.weights.index_select(0, runs.rest),
-            )
+            rest = segments.subset(runs.rest)
         segments.memo["runs"] = None if runs is None else (runs, rest)
     return cast("tuple[RowRuns, Segments | None] | None", segments.memo["runs"])
 
@@ -223,34 +220,71 @@ def lora_apply_sites(
     count = segments.num_assignments
     if count == 0:
         return
+    if coef is None and group_scales is None:
+        raise ValueError("lora_apply needs coef or group_scale")
     scales = None
     if group_scales is not None:  # [G, n]
         scales = group_scales[0][:, None] if len(lora_bs) == 1 else torch.stack(group_scales, 1)
     runs = _runs_layout(segments)
-    if coef is None and scales is not None and runs is None:
-        layout = _padded_layout(segments)
-        if layout is not None:  # whole groups scaled at once: no per-assignment coef
-            padded, place_rows, padded_weights = layout
-            place_coef = padded_weights * padded.groups_of(scales).unsqueeze(1)  # [U, M, n]
-            _apply_padded(x, lora_a, lora_bs, padded, place_rows, place_coef, out)
-            return
-    if coef is None:
-        if scales is None:
-            raise ValueError("lora_apply needs coef or group_scale")
-        coef = segments.weights[:, None] * scales.index_select(0, segments.group_ids)
-    coef = coef[:count]  # [P, n]; a padded coef: its valid prefix
     if runs is not None:
+        coef = _assignment_coef(segments, coef, scales)[:count]  # [P, n]
         _apply_runs(x, lora_a, lora_bs, runs[0], coef, out)
         rest, rest_ids = runs[1], runs[0].rest
         if rest is None or rest_ids is None:
             return
         segments, coef = rest, coef.index_select(0, rest_ids)
+    _apply_groups(x, lora_a, lora_bs, segments, None if coef is None else coef[:count], scales, out)
+
+
+def _assignment_coef(
+    segments: Segments, coef: torch.Tensor | None, scales: torch.Tensor | None
+) -> torch.Tensor:
+    """[P, n]: coef as given, else each assignment's weight times its group's scales."""
+    if coef is not None:
+        return coef
+    assert scales is not None, "lora_apply_sites checks for coef or group_scales"
+    return segments.weights[:, None] * scales.index_select(0, segments.group_ids)
+
+
+def _split_layout(segments: Segments) -> list[tuple[Segments, torch.Tensor]] | None:
+    """split_past_padded_rows of the segments as (Segments, positions) per level, built once
+    per Segments (so each level's own padded layout is too)."""
+    if "split" not in segments.memo:
+        split = split_past_padded_rows(segments.group_ids)
+        parts = None if split is None else [(segments.subset(ids), ids) for ids in split]
+        segments.memo["split"] = parts
+    return cast("list[tuple[Segments, torch.Tensor]] | None", segments.memo["split"])
+
+
+def _apply_groups(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
+    segments: Segments,
+    coef: torch.Tensor | None,
+    scales: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """lora_apply_sites on segments without row runs: padded; else, where a few groups have too
+    many rows for that, in levels that each are; else site by site, segmented or dense.
+    coef [P, n], or None with scales [G, n] (a padded layout then scales whole groups)."""
     layout = _padded_layout(segments)
     if layout is not None:
-        padded, place_rows, _ = layout
-        place_coef = padded.pad(coef)  # [U, M, n], padding places: 0
+        padded, place_rows, padded_weights = layout
+        if coef is None:
+            assert scales is not None
+            place_coef = padded_weights * padded.groups_of(scales).unsqueeze(1)  # [U, M, n]
+        else:
+            place_coef = padded.pad(coef)  # [U, M, n], padding places: 0
         _apply_padded(x, lora_a, lora_bs, padded, place_rows, place_coef, out)
         return
+    parts = _split_layout(segments)
+    if parts is not None:
+        for part, ids in parts:
+            part_coef = None if coef is None else coef.index_select(0, ids)
+            _apply_groups(x, lora_a, lora_bs, part, part_coef, scales, out)
+        return
+    coef = _assignment_coef(segments, coef, scales)
     for i, (part_a, lora_b, part_out) in enumerate(joint_parts(lora_a, lora_bs, out)):
         _apply_unpadded(x, part_a, lora_b, segments, coef[:, i].contiguous(), part_out)
 

@@ -276,6 +276,36 @@ def test_padded_layout_is_a_strided_grid_or_the_used_groups():
     assert _grouped.padded_groups(skewed_ids({0: 9})) is None  # past the rows limit
 
 
+def test_split_past_padded_rows_cuts_a_popular_group_into_levels():
+    """One group past the padded rows limit beside groups of one or two rows (a popular
+    adapter's decode rows): a head of the first m rows of every group, then levels of at most 8
+    more rows per group, each still sorted by group; m = 3 pads the fewest places here."""
+    counts = {0: 11, 4: 1, 8: 2, 12: 1, 16: 2, 20: 1, 24: 1, 28: 2}
+    ids = skewed_ids(counts)
+    levels = _grouped.split_past_padded_rows(ids)
+    assert levels is not None and len(levels) == 2
+    assert sorted(torch.cat(levels).tolist()) == list(range(ids.shape[0]))
+    for level in levels:
+        level_ids = ids[level]
+        assert torch.equal(level_ids, level_ids.sort().values)
+        assert _grouped.padded_groups(level_ids) is not None  # each level is padded
+    head_counts = torch.bincount(ids[levels[0]])
+    assert head_counts[0] == 3 and head_counts[1:].max() == 2  # up to 3 rows of each group
+    assert ids[levels[1]].tolist() == [0] * 8  # the popular group's other 8 rows
+    # 20 rows: a head of 4 (fewer places than 3, whose 17 left need three more levels), 8, 8.
+    deep_ids = skewed_ids({**counts, 0: 20})
+    deep = _grouped.split_past_padded_rows(deep_ids)
+    assert deep is not None and len(deep) == 3
+    assert [int(torch.bincount(deep_ids[level]).max()) for level in deep] == [4, 8, 8]
+
+
+def test_split_past_padded_rows_leaves_groups_that_fit_or_are_mostly_big():
+    assert _grouped.split_past_padded_rows(skewed_ids({0: 8, 4: 1})) is None  # nothing past
+    # Most groups have many rows: per-group GEMMs, not a split.
+    assert _grouped.split_past_padded_rows(skewed_ids({0: 12, 1: 12, 2: 10, 3: 11})) is None
+    assert _grouped.split_past_padded_rows(torch.zeros(0, dtype=torch.int64)) is None
+
+
 def test_places_in_groups_counts_each_group_from_zero_in_item_order():
     gen = torch.Generator().manual_seed(0)
     group_of = torch.randint(0, 5, (40,), generator=gen).sort().values

@@ -1,7 +1,7 @@
 """lora_apply_joint (sites sharing rows and segments, q/k/v) against lora_apply per site on the
-output's column slices, for each layout the reference takes: padded groups (decode), row runs
-(prefill chunks) with and without a rest, and the per-site fallback (alone, and for the rest of
-row runs, with per-assignment coefs)."""
+output's column slices, for each layout the reference takes: padded groups (decode; with a
+popular group, as a head and a tail), row runs (prefill chunks) with and without a rest, and the
+per-site fallback (alone, and for the rest of row runs, with per-assignment coefs)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from support.lora_cases import (
 from mixserve.kernels import Segments, joint_lora_a, lora_apply_joint
 from mixserve.kernels.lora import reference
 
-LAYOUTS = ["padded", "runs", "runs_and_rest", "runs_and_fallback", "fallback"]
+LAYOUTS = ["padded", "padded_and_split", "runs", "runs_and_rest", "runs_and_fallback", "fallback"]
 
 
 def joint_case(layout: str, dtype: torch.dtype, seed: int):
@@ -51,6 +51,13 @@ def test_joint_sites_equal_each_site_on_its_columns(layout, dtype, monkeypatch):
         "_apply_unpadded",
         lambda *a, **k: per_site_calls.append(1) or real_apply(*a, **k),
     )
+    padded_calls: list[int] = []
+    real_padded = reference._apply_padded
+    monkeypatch.setattr(
+        reference,
+        "_apply_padded",
+        lambda *a, **k: padded_calls.append(1) or real_padded(*a, **k),
+    )
     got = base.clone()
     joint = joint_lora_a(*sites.lora_as)
     assert joint is not None
@@ -59,6 +66,8 @@ def test_joint_sites_equal_each_site_on_its_columns(layout, dtype, monkeypatch):
     # x is gathered and shrunk once for all sites, except where no shared layout applies.
     per_site_layouts = ("fallback", "runs_and_fallback")
     assert len(per_site_calls) == (len(sites.lora_as) if layout in per_site_layouts else 0)
+    expected_padded = {"padded": 1, "padded_and_split": 2, "runs_and_rest": 1}
+    assert len(padded_calls) == expected_padded.get(layout, 0)
 
 
 def test_joint_sites_refuse_mismatched_widths():

@@ -377,6 +377,13 @@ def test_lora_apply_runs_decode_steps_dense_and_long_prefills_segmented():
     assert not _grouped.dense_range_is_cheaper(4096, 64, 4096, flops)
 
 
+def naive_delta(batch: Batch, seg: Segments, coef: torch.Tensor) -> torch.Tensor:
+    """The routed LoRA delta of the batch's weights over rows gathered by seg (the oracle)."""
+    s = naive_shrink(batch.x, batch.lora_a, seg, True)
+    out = torch.zeros(len(batch.x), batch.lora_b.shape[1])
+    return naive_expand(s, batch.lora_b, seg, coef, out, True)
+
+
 def test_decode_rows_take_the_padded_layout_built_once_per_segments(monkeypatch):
     """A step's plain-LoRA Segments serve every layer and site: the padded layout is built on
     the first lora_apply and reused, and neither other strategy runs."""
@@ -399,19 +406,45 @@ def test_decode_rows_take_the_padded_layout_built_once_per_segments(monkeypatch)
 
     monkeypatch.setattr(reference, "padded_groups", counting)
     monkeypatch.setattr(reference, "dense_range_is_cheaper", unexpected)
-    want = naive_expand(
-        naive_shrink(batch.x, batch.lora_a, seg, True),
-        batch.lora_b,
-        seg,
-        coef,
-        torch.zeros(len(batch.x), batch.lora_b.shape[1]),
-        True,
-    )
+    want = naive_delta(batch, seg, coef)
     for _ in range(3):
         out = torch.zeros(len(batch.x), batch.lora_b.shape[1])
         lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, coef, out)
         assert_matches(out, want, torch.float32)
     assert builds == [1]
+
+
+@pytest.mark.parametrize("scaled_groups", [False, True])
+def test_a_popular_group_beside_small_ones_runs_as_padded_levels(scaled_groups, monkeypatch):
+    """A decode step where one adapter has 11 rows and the others 1-2 (past the padded rows
+    limit, so no single padded layout): the rows run as padded levels, never per site, and
+    give the routed LoRA delta, with a per-assignment coef or a per-group scale."""
+    batch = make_batch(SCENARIOS["few_slots"], torch.float32, seed=25)
+    group_ids = torch.tensor([0] * 11 + [4, 8, 8, 12, 16, 16])
+    gen = torch.Generator().manual_seed(26)
+    seg = Segments(
+        torch.randperm(17, generator=gen), group_ids, torch.rand(17, generator=gen) + 0.5
+    )
+    group_scale = torch.rand(batch.lora_a.shape[0], generator=gen) + 0.5
+    coef = seg.weights * group_scale[group_ids]
+
+    def unexpected(*args: object) -> bool:
+        raise AssertionError("dense or segmented strategy chosen")
+
+    padded_calls: list[int] = []
+    real_padded = reference._apply_padded
+    monkeypatch.setattr(reference, "dense_range_is_cheaper", unexpected)
+    monkeypatch.setattr(
+        reference, "_apply_padded", lambda *a: padded_calls.append(1) or real_padded(*a)
+    )
+    out = torch.zeros(len(batch.x), batch.lora_b.shape[1])
+    if scaled_groups:
+        lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, None, out, group_scale=group_scale)
+    else:
+        lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, coef, out)
+    want = naive_delta(batch, seg, coef)
+    assert_matches(out, want, torch.float32)
+    assert len(padded_calls) == 2  # a head of up to 3 rows a group, then 8 more
 
 
 @pytest.mark.parametrize(("name", "gathered"), [("decode_grid", False), ("decode_irregular", True)])
