@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+from machine import describe  # noqa: E402 - bench/, the script's folder
 from model_step import _median_seconds  # noqa: E402 - the benches' one timing helper
 from support.adapter_files import BaseDims, write_adapter  # noqa: E402
 
@@ -90,7 +90,7 @@ def main() -> None:
         json.dump(
             {
                 "date": time.strftime("%Y-%m-%d"),
-                "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+                "machine": describe(),
                 "command": "python bench/adapter_load.py " + " ".join(sys.argv[1:]),
                 "file_mb": size_mb,
                 "median_ms": results,

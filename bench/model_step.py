@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+from machine import describe  # noqa: E402 - bench/, the script's folder
 from support.adapter_files import BaseDims, write_adapter  # noqa: E402
 from support.reference_mixlora import inject_mixlora  # noqa: E402
 
@@ -268,8 +268,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     record = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": describe(),
         "command": "python bench/model_step.py " + " ".join(sys.argv[1:]),
         "results_seconds": results,
     }

@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+from machine import describe  # noqa: E402 - bench/, the script's folder
 from support.adapter_files import BaseDims, write_adapter  # noqa: E402
 from support.reference_mixlora import inject_mixlora  # noqa: E402
 
@@ -250,8 +250,7 @@ def main() -> None:
         json.dump(
             {
                 "date": time.strftime("%Y-%m-%d"),
-                "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"
-                + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+                "machine": describe(torch.cuda.get_device_name() if args.device == "cuda" else ""),
                 "device": args.device,
                 "dtype": args.dtype,
                 "command": "python bench/serving_throughput.py " + " ".join(sys.argv[1:]),
