@@ -191,7 +191,9 @@ def lora_apply(
       MIN_RUN_ROWS of them, as plain GEMMs on row slices; the rest by one of:
     - padded, whenever the groups have few rows (decode steps): rows padded into [groups, max
       rows] and two batched GEMMs. Its layout is built once per Segments, so the plain-LoRA rows
-      of a step pay for it once, not at every layer and site. Otherwise the cheaper of:
+      of a step pay for it once, not at every layer and site. A few groups with more rows than
+      it takes (a popular adapter's decode rows) run as padded levels (split_past_padded_rows).
+      Otherwise the cheaper of:
     - segmented: lora_shrink + lora_expand over the assignments (work scales with P);
     - dense over the step's group range [lo, hi): every row of x against every group's A and B as
       two plain GEMMs, masked by a [rows, groups] matrix holding each assignment's coef (0
