@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -29,8 +30,9 @@ class ServerProcess:
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = f"/tmp/mixserve-test-{self.port}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        fd, self.log_path = tempfile.mkstemp(prefix=f"mixserve-test-{self.port}-", suffix=".log")
+        self._log = os.fdopen(fd, "w")  # closed, read and removed in stop()
+        self._final_log: str | None = None
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
             [
@@ -51,6 +53,7 @@ class ServerProcess:
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             try:
                 if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
@@ -62,6 +65,9 @@ class ServerProcess:
         raise RuntimeError(f"server did not start in {startup_timeout} s:\n{self.log()}")
 
     def log(self) -> str:
+        """The server's output so far (its last 6000 characters), also after stop()."""
+        if self._final_log is not None:
+            return self._final_log
         with open(self.log_path) as f:
             return f.read()[-6000:]
 
@@ -79,7 +85,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if self._final_log is None:  # the first stop keeps the output and removes the file
+            self._log.close()
+            self._final_log = self.log()
+            os.unlink(self.log_path)
         return self.proc.returncode
 
 
