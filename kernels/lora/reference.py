@@ -166,12 +166,14 @@ def _apply_runs(
 def assignment_coef(
     segments: Segments, coef: torch.Tensor | None, group_scale: torch.Tensor | None
 ) -> torch.Tensor:
-    """lora_apply's per-assignment coef: as given, else weights * group_scale[group_ids]."""
+    """lora_apply's per-assignment coef: as given, else weights * group_scale[group_ids]:
+    group_scale [G] gives [P] (one site), [G, n] gives [P, n] (n sites applied together)."""
     if coef is not None:
         return coef
     if group_scale is None:
         raise ValueError("lora_apply needs coef or group_scale")
-    return segments.weights * group_scale.index_select(0, segments.group_ids)
+    weights = segments.weights if group_scale.dim() == 1 else segments.weights[:, None]
+    return weights * group_scale.index_select(0, segments.group_ids)
 
 
 def lora_apply(
@@ -227,25 +229,17 @@ def lora_apply_sites(
     scales = None
     if group_scales is not None:  # [G, n]
         scales = group_scales[0][:, None] if len(lora_bs) == 1 else torch.stack(group_scales, 1)
+    if coef is not None:
+        coef = coef[:count]  # [P, n]; a padded coef: its valid prefix
     runs = _runs_layout(segments)
     if runs is not None:
-        coef = _assignment_coef(segments, coef, scales)[:count]  # [P, n]
+        coef = assignment_coef(segments, coef, scales)
         _apply_runs(x, lora_a, lora_bs, runs[0], coef, out)
         rest, rest_ids = runs[1], runs[0].rest
         if rest is None or rest_ids is None:
             return
         segments, coef = rest, coef.index_select(0, rest_ids)
-    _apply_groups(x, lora_a, lora_bs, segments, None if coef is None else coef[:count], scales, out)
-
-
-def _assignment_coef(
-    segments: Segments, coef: torch.Tensor | None, scales: torch.Tensor | None
-) -> torch.Tensor:
-    """[P, n]: coef as given, else each assignment's weight times its group's scales."""
-    if coef is not None:
-        return coef
-    assert scales is not None, "lora_apply_sites checks for coef or group_scales"
-    return segments.weights[:, None] * scales.index_select(0, segments.group_ids)
+    _apply_groups(x, lora_a, lora_bs, segments, coef, scales, out)
 
 
 def _split_layout(segments: Segments) -> list[tuple[Segments, torch.Tensor]] | None:
@@ -286,7 +280,7 @@ def _apply_groups(
             part_coef = None if coef is None else coef.index_select(0, ids)
             _apply_groups(x, lora_a, lora_bs, part, part_coef, scales, out)
         return
-    coef = _assignment_coef(segments, coef, scales)
+    coef = assignment_coef(segments, coef, scales)
     for i, (part_a, lora_b, part_out) in enumerate(joint_parts(lora_a, lora_bs, out)):
         _apply_unpadded(x, part_a, lora_b, segments, coef[:, i].contiguous(), part_out)
 
