@@ -1,11 +1,12 @@
 """Adapter reads in worker processes, so they never hold the engine process's GIL.
 
-Reading a MoE-PEFT `.bin` is mostly torch's weights-only unpickler, which is pure Python: ~1000
-tensors per adapter, ~80 ms of held GIL for a 28 MB file. On a load thread of the engine process
-that GIL is shared with the engine thread, which releases and re-takes it around every torch op,
-and both slow down several times (measured on 2 cores: loads 2-4x slower than alone, prefill
-steps beside them 3-8x). A worker process reads, validates and stacks the adapter, then hands
-back its few stacked tensors.
+Reading a MoE-PEFT `.bin` and stacking its ~1000 tensors is mostly Python: ~60 ms of held GIL
+for a 28 MB file (~110 ms through torch's pure-Python weights-only unpickler, which files.py now
+uses only for files that name more than a plain state dict). On a load thread of the engine
+process that GIL is shared with the engine thread, which releases and re-takes it around every
+torch op, and both slow down several times (measured on 2 cores with the slower reader: loads
+2-4x slower than alone, prefill steps beside them 3-8x). A worker process reads, validates and
+stacks the adapter, then hands back its few stacked tensors.
 
 The tensors travel through a safetensors file in the loader's own folder on shared memory
 (/dev/shm where it exists); the pipe carries the skeleton. A pipe moves at most 1 MiB per read,
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import pickle
 import queue
@@ -49,6 +51,10 @@ from mixserve.adapters.files import AdapterFiles
 from mixserve.adapters.spec import AdapterSpec, SiteKind
 from mixserve.adapters.weights import AdapterWeights, SiteWeights
 from mixserve.model.arch import ArchConfig
+
+logger = logging.getLogger(__name__)
+
+READY = "ready"  # a worker's first reply: its imports are done
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,12 +151,25 @@ class _Worker:
         # processes) instead of 64 KiB cuts the context switches 16x.
         with contextlib.suppress(OSError, AttributeError):
             fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+        self._ready = False  # its first reply, READY, has been read
+
+    def await_ready(self) -> None:
+        """Block until the worker has imported what loads need (its first reply); raises
+        OSError, EOFError or pickle.UnpicklingError where it died instead."""
+        if self._ready:
+            return
+        assert self.proc.stdout is not None
+        reply = pickle.load(self.proc.stdout)
+        if reply != READY:
+            raise pickle.UnpicklingError(f"expected the worker's ready reply, got {reply!r}")
+        self._ready = True
 
     def load(
         self, name: str, path: str, arch: ArchConfig, exchange_dir: str | None
     ) -> AdapterWeights:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
+            self.await_ready()
             pickle.dump((name, path, arch, exchange_dir), self.proc.stdin, pickle.HIGHEST_PROTOCOL)
             self.proc.stdin.flush()
             ok, value = pickle.load(self.proc.stdout)
@@ -211,6 +230,25 @@ class ProcessLoader:
         with self._lock:
             if not self._workers and not self._closed:
                 self._idle.put(self._spawn())
+
+    def wait_until_ready(self) -> None:
+        """Block until the worker start() began has imported torch and the loader (~2 s from
+        its spawn on 2 vCPUs), so the first load takes a load's time, not an import's too. A
+        worker that died meanwhile is dropped with an error logged: the next load starts
+        another and fails with the reason if that one dies too."""
+        try:
+            worker = self._idle.get_nowait()
+        except queue.Empty:
+            return  # not started, closed, or already lent to a load (which waits itself)
+        try:
+            worker.await_ready()
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            logger.error("the adapter load worker died while starting: %r", exc)
+            with self._lock:
+                self._workers.remove(worker)
+            worker.close()
+            return
+        self._idle.put(worker)
 
     def _spawn(self) -> _Worker:
         worker = _Worker()
@@ -339,6 +377,8 @@ def _hang_up(workers: list[_Worker], exchange_dir: str | None) -> None:
 def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
     from mixserve.adapters.loader import load_adapter
 
+    pickle.dump(READY, replies, pickle.HIGHEST_PROTOCOL)
+    replies.flush()
     while True:
         try:
             name, path, arch, exchange_dir = pickle.load(requests)

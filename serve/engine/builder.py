@@ -149,6 +149,9 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
         eos_token_ids=eos_ids,
         max_model_len=max_model_len,
     )
+    if isinstance(loader, ProcessLoader):
+        # The engine is ready when its first adapter load would not wait for the worker's imports.
+        loader.wait_until_ready()
     logger.info(
         "engine: %s (%s), %d KV blocks x %d tokens, %d adapter slots (rank %d, experts %d/%d)",
         model_dir,

@@ -228,3 +228,36 @@ def test_workers_ignore_ctrl_c_sent_to_the_process_group(tmp_path, arch):
         assert loader._workers == [worker]
     finally:
         loader.close()
+
+
+def test_wait_until_ready_waits_for_the_started_workers_imports(tmp_path, arch):
+    loader = ProcessLoader(max_workers=1)
+    try:
+        loader.wait_until_ready()  # nothing started: returns at once
+        assert loader._workers == []
+        loader.start()
+        loader.wait_until_ready()
+        (worker,) = loader._workers
+        assert worker._ready and worker.alive
+        path = good_adapter(tmp_path)
+        assert_same_weights(loader("a", path, arch), load_adapter("a", path, arch))
+        assert loader._workers == [worker]
+    finally:
+        loader.close()
+
+
+def test_a_worker_that_dies_while_starting_is_dropped_and_replaced(tmp_path, arch, caplog):
+    loader = ProcessLoader(max_workers=1)
+    try:
+        loader.start()
+        (worker,) = loader._workers
+        worker.proc.kill()
+        worker.proc.wait()
+        loader.wait_until_ready()
+        assert "died while starting" in caplog.text
+        assert loader._workers == []
+        path = good_adapter(tmp_path)
+        assert_same_weights(loader("a", path, arch), load_adapter("a", path, arch))
+        assert loader._workers and loader._workers[0] is not worker
+    finally:
+        loader.close()
