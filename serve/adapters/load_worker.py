@@ -35,7 +35,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
 import weakref
@@ -47,6 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mixserve.adapters.errors import AdapterError
+from mixserve.adapters.exchange_dirs import make_exchange_dir
 from mixserve.adapters.files import AdapterFiles
 from mixserve.adapters.spec import AdapterSpec, SiteKind
 from mixserve.adapters.weights import AdapterWeights, SiteWeights
@@ -219,7 +219,7 @@ class ProcessLoader:
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
         self._closed = False
-        self.exchange_dir = _make_exchange_dir()
+        self.exchange_dir = make_exchange_dir()
         # A loader dropped without close() (an LLM that goes out of scope) still ends its
         # workers (they exit at the EOF on their stdin) and removes its exchange folder.
         self._finalizer = weakref.finalize(self, _hang_up, self._workers, self.exchange_dir)
@@ -303,66 +303,6 @@ class ProcessLoader:
             worker.close()
         if not self._workers:  # else the last busy load's finalizer removes the folder
             self._finalizer()
-
-
-_EXCHANGE_PREFIX = "mixserve-loads-"
-
-
-def _pid_namespace() -> int | None:
-    """This process's PID namespace (the inode of /proc/self/ns/pid), or None where unknown: a
-    PID means something only inside its namespace, and containers sharing /dev/shm (Docker's
-    --ipc=host) see each other's folders but not each other's processes."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-def _make_exchange_dir(root: str | None = None) -> str | None:
-    """A private folder for the workers' tensor files, on shared memory where there is one,
-    named after this process and its PID namespace so a later loader in the same namespace can
-    remove it if the process is killed."""
-    if root is None:
-        shm = "/dev/shm"
-        root = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
-    remove_stale_exchange_dirs(root)
-    namespace = _pid_namespace()
-    owner = f"{namespace}-{os.getpid()}-" if namespace is not None else "x-"
-    try:
-        return tempfile.mkdtemp(prefix=f"{_EXCHANGE_PREFIX}{owner}", dir=root)
-    except OSError:
-        return None  # the pipe carries every load
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's
-    return True
-
-
-def remove_stale_exchange_dirs(root: str) -> None:
-    """Remove the exchange folders of loaders whose process is gone: one killed (a Ray replica,
-    SIGKILL) never ran its cleanup, and files on /dev/shm hold memory until a reboot. Only
-    folders of this PID namespace are judged: another namespace's PIDs cannot be checked from
-    here, and its folder may be in use."""
-    namespace = _pid_namespace()
-    if namespace is None:
-        return
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return
-    mine = f"{_EXCHANGE_PREFIX}{namespace}-"
-    for entry in entries:
-        pid_text = entry.name.removeprefix(mine).split("-", 1)[0]
-        if entry.name.startswith(mine) and pid_text.isdigit():
-            pid = int(pid_text)
-            if pid != os.getpid() and not _process_exists(pid):
-                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _hang_up(workers: list[_Worker], exchange_dir: str | None) -> None:
