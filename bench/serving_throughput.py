@@ -1,7 +1,7 @@
 """Offline throughput on CPU with SmolLM2: base only, many MixLoRA adapters, the authors' package.
 
 256 requests (prompts of 24-64 tokens, 32 generated tokens each, ignore_eos) through
-`mixserve.LLM`:
+`mixserve.LLM`, in rounds of the three variants (--rounds, default 2: medians are reported):
   base     — no adapters;
   uniform  — 100 MixLoRA adapters (E=4, top-2, r=8, all 7 targets: ~28 MB fp32 each, the
              size of mixlora_spec.md's SmolLM2 example), adapter drawn uniformly per request;
@@ -65,6 +65,35 @@ def _throughput(
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, adapter=adapters)
     seconds = time.perf_counter() - start
     return seconds, sum(len(o.token_ids) for o in outs)
+
+
+def bench_mixserve_rounds(
+    model_dir: str,
+    adapter_dirs: dict[str, str],
+    work: dict,
+    params: SamplingParams,
+    slots: int,
+    device: dict[str, str],
+    rounds: int,
+) -> dict:
+    """Rounds of (base, uniform, zipf), each variant in a fresh engine; per variant the median
+    tokens/s over the rounds and the median of its per-round ratio to that round's base (a VM's
+    speed drifts by 10% or more between minutes: a ratio within one round sees one speed)."""
+    per_round = [
+        bench_mixserve(model_dir, adapter_dirs, work, params, slots, device) for _ in range(rounds)
+    ]
+    results: dict = {"rounds": per_round}
+    for variant in per_round[0]:
+        rates = [r[variant]["tokens_per_s"] for r in per_round]
+        ratios = [r[variant]["tokens_per_s"] / r["base"]["tokens_per_s"] for r in per_round]
+        results[variant] = {
+            **per_round[-1][variant],
+            "tokens_per_s": statistics.median(rates),
+            "vs_base": statistics.median(ratios),
+            "tokens_per_s_rounds": rates,
+            "vs_base_rounds": ratios,
+        }
+    return results
 
 
 def bench_mixserve(
@@ -188,6 +217,9 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of (base, uniform, zipf) for mixserve"
+    )
     parser.add_argument("--skip-package", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (mixserve runs only)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -196,6 +228,8 @@ def main() -> None:
         default=os.path.join(os.path.dirname(__file__), "results", "serving_throughput.json"),
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.device != "cpu" and not args.skip_package:
         parser.error("the mixlora package baseline runs on CPU only: add --skip-package")
     device = {"device": args.device, "dtype": args.dtype}
@@ -221,22 +255,31 @@ def main() -> None:
             for i in range(args.adapters)
         }
         results = {"load_time": bench_load_time(model_dir, adapter_dirs["a0"], device)}
-        results.update(bench_mixserve(model_dir, adapter_dirs, work, params, args.slots, device))
+        results.update(
+            bench_mixserve_rounds(
+                model_dir, adapter_dirs, work, params, args.slots, device, args.rounds
+            )
+        )
         if not args.skip_package:
             for popularity in ("uniform", "zipf"):
                 results[f"package_{popularity}"] = bench_package(
                     model_dir, adapter_dirs, work, params, popularity
                 )
     base = results["base"]["tokens_per_s"]
-    lines = [f"{'variant':<20}{'tokens/s':>10}{'vs base':>9}{'vs package':>12}"]
+    lines = [
+        f"mixserve: medians of {args.rounds} rounds; vs base: the median of per-round ratios",
+        f"{'variant':<20}{'tokens/s':>10}{'vs base':>9}{'vs package':>12}  rounds (tokens/s)",
+    ]
     for name in ("base", "uniform", "zipf", "package_uniform", "package_zipf"):
         if name not in results:
             continue
         r = results[name]
         package = results.get(f"package_{name}")
         vs_package = f"{r['tokens_per_s'] / package['tokens_per_s']:.2f}x" if package else ""
+        vs_base = r.get("vs_base", r["tokens_per_s"] / base)
+        rounds = " / ".join(f"{t:.1f}" for t in r.get("tokens_per_s_rounds", ()))
         lines.append(
-            f"{name:<20}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>8.2f}x{vs_package:>12}"
+            f"{name:<20}{r['tokens_per_s']:>10.1f}{vs_base:>8.2f}x{vs_package:>12}  {rounds}"
         )
     load = results["load_time"]
     lines.append(

@@ -1,0 +1,41 @@
+"""bench/serving_throughput.py runs end to end on a tiny workload, in two rounds, and reports each
+variant's median and its per-round ratios to that round's base."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.smollm2
+def test_serving_bench_reports_medians_of_rounds(tmp_path: Path, smollm2_dir: str) -> None:
+    out = tmp_path / "serving.json"
+    args = ["--requests", "4", "--adapters", "2", "--max-tokens", "2", "--rounds", "2"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serving_throughput.py"), *args, "--skip-package"]
+        + ["--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert len(results["rounds"]) == 2
+    for variant in ("base", "uniform", "zipf"):
+        r = results[variant]
+        assert r["tokens"] == 4 * 2
+        assert r["tokens_per_s"] == statistics.median(r["tokens_per_s_rounds"])
+        bases = [round_["base"]["tokens_per_s"] for round_ in results["rounds"]]
+        want = [t / b for t, b in zip(r["tokens_per_s_rounds"], bases, strict=True)]
+        assert r["vs_base_rounds"] == pytest.approx(want)
+        assert r["vs_base"] == pytest.approx(statistics.median(want))
+    assert results["base"]["vs_base"] == 1.0
+    assert "medians of 2 rounds" in proc.stdout
