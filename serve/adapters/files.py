@@ -1,10 +1,11 @@
 """Finding and reading an adapter folder's files: config JSON and weights (.safetensors or .bin).
 
 `.bin` files are pickles: nothing in them may run code. A file first goes through torch.load with
-an unpickler that resolves only the four globals of a plain state dict (``_TensorsOnly``); a file
-that names anything else is read again by ``torch.load(weights_only=True)``, which accepts what
-it accepts (and refuses the rest with its own message). Both refuse everything that is not a
-tensor or a plain container.
+an unpickler that resolves only the globals a plain state dict names (``_TensorsOnly``: the
+ordered dict, torch's tensor and parameter rebuilders; torch resolves storage types itself); a
+file that names anything else is read again by ``torch.load(weights_only=True)``, which accepts
+what it accepts (and refuses the rest with its own message). Both refuse everything that is not
+a tensor or a plain container.
 """
 
 from __future__ import annotations

@@ -244,11 +244,22 @@ class ProcessLoader:
             worker.await_ready()
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             logger.error("the adapter load worker died while starting: %r", exc)
-            with self._lock:
-                self._workers.remove(worker)
-            worker.close()
+            self._drop(worker)
             return
-        self._idle.put(worker)
+        with self._lock:
+            if not self._closed:
+                self._idle.put(worker)
+                return
+        self._drop(worker)  # the loader closed while the worker started
+
+    def _drop(self, worker: _Worker) -> None:
+        with self._lock:
+            if worker in self._workers:
+                self._workers.remove(worker)
+            last = self._closed and not self._workers
+        worker.close()
+        if last:
+            self._finalizer()
 
     def _spawn(self) -> _Worker:
         worker = _Worker()
