@@ -5,7 +5,8 @@
   base     — no adapters;
   uniform  — 100 MixLoRA adapters (E=4, top-2, r=8, all 7 targets: ~28 MB fp32 each, the
              size of mixlora_spec.md's SmolLM2 example), adapter drawn uniformly per request;
-  zipf     — the same 100 adapters with Zipf(1.0) popularity.
+  zipf     — the same 100 adapters with Zipf(1.0) popularity;
+  *_warm   — with --warm, the same with every adapter in the host tier before the run.
 The authors' `mixlora` package (0.2.3) serves one adapter at a time: for each adapter used, a
 fresh copy of the transformers model gets it injected, and that adapter's prompts are generated
 as one left-padded batch with `generate` (greedy). Its time includes switching adapters.
@@ -75,12 +76,14 @@ def bench_mixserve_rounds(
     slots: int,
     device: dict[str, str],
     rounds: int,
+    warm: bool,
 ) -> dict:
     """Rounds of (base, uniform, zipf), each variant in a fresh engine; per variant the median
     tokens/s over the rounds and the median of its per-round ratio to that round's base (a VM's
     speed drifts by 10% or more between minutes: a ratio within one round sees one speed)."""
     per_round = [
-        bench_mixserve(model_dir, adapter_dirs, work, params, slots, device) for _ in range(rounds)
+        bench_mixserve(model_dir, adapter_dirs, work, params, slots, device, warm)
+        for _ in range(rounds)
     ]
     results: dict = {"rounds": per_round}
     for variant in per_round[0]:
@@ -103,16 +106,21 @@ def bench_mixserve(
     params: SamplingParams,
     slots: int,
     device: dict[str, str],
+    warm: bool = False,
 ) -> dict:
     results = {}
+    warm_variants = (("uniform", True), ("zipf", True)) if warm else ()
     base = mixserve.LLM(model_dir, max_num_seqs=64, max_num_batched_tokens=1024, **device)
     seconds, tokens = _throughput(base, work["prompts"], [None] * len(work["prompts"]), params)
     results["base"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
     del base
-    for popularity in ("uniform", "zipf"):
-        # Adapters are registered, not preloaded: the first requests of each pay its disk load.
+    for popularity, warm in (("uniform", False), ("zipf", False)) + warm_variants:
+        # Cold: adapters are registered, not preloaded, so the first requests of each pay its
+        # disk load. Warm: LLM(adapters=...) loads them into the host tier before the run (a
+        # server that has served them before); slots still start empty.
         llm = mixserve.LLM(
             model_dir,
+            adapters=adapter_dirs if warm else None,
             max_num_seqs=64,
             max_num_batched_tokens=1024,
             max_lora_rank=8,
@@ -120,11 +128,12 @@ def bench_mixserve(
             num_adapter_slots=slots,
             **device,
         )
-        for name, path in adapter_dirs.items():
-            llm.engine.pager.add_source(name, path)
+        if not warm:
+            for name, path in adapter_dirs.items():
+                llm.engine.pager.add_source(name, path)
         seconds, tokens = _throughput(llm, work["prompts"], work[popularity], params)
         stats = llm.stats()
-        results[popularity] = {
+        results[popularity + ("_warm" if warm else "")] = {
             "seconds": seconds,
             "tokens": tokens,
             "tokens_per_s": tokens / seconds,
@@ -220,6 +229,11 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="rounds of (base, uniform, zipf) for mixserve"
     )
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="also uniform_warm and zipf_warm: every adapter in the host tier before the run",
+    )
     parser.add_argument("--skip-package", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (mixserve runs only)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -257,7 +271,7 @@ def main() -> None:
         results = {"load_time": bench_load_time(model_dir, adapter_dirs["a0"], device)}
         results.update(
             bench_mixserve_rounds(
-                model_dir, adapter_dirs, work, params, args.slots, device, args.rounds
+                model_dir, adapter_dirs, work, params, args.slots, device, args.rounds, args.warm
             )
         )
         if not args.skip_package:
@@ -270,11 +284,12 @@ def main() -> None:
         f"mixserve: medians of {args.rounds} rounds; vs base: the median of per-round ratios",
         f"{'variant':<20}{'tokens/s':>10}{'vs base':>9}{'vs package':>12}  rounds (tokens/s)",
     ]
-    for name in ("base", "uniform", "zipf", "package_uniform", "package_zipf"):
+    variants = ("base", "uniform", "zipf", "uniform_warm", "zipf_warm")
+    for name in (*variants, "package_uniform", "package_zipf"):
         if name not in results:
             continue
         r = results[name]
-        package = results.get(f"package_{name}")
+        package = results.get(f"package_{name.removesuffix('_warm')}")
         vs_package = f"{r['tokens_per_s'] / package['tokens_per_s']:.2f}x" if package else ""
         vs_base = r.get("vs_base", r["tokens_per_s"] / base)
         rounds = " / ".join(f"{t:.1f}" for t in r.get("tokens_per_s_rounds", ()))
