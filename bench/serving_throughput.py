@@ -131,6 +131,7 @@ def bench_mixserve(
         if not warm:
             for name, path in adapter_dirs.items():
                 llm.engine.pager.add_source(name, path)
+        before = llm.stats().pager
         seconds, tokens = _throughput(llm, work["prompts"], work[popularity], params)
         stats = llm.stats()
         results[popularity + ("_warm" if warm else "")] = {
@@ -138,8 +139,8 @@ def bench_mixserve(
             "tokens": tokens,
             "tokens_per_s": tokens / seconds,
             "distinct_adapters": len(set(work[popularity])),
-            "slot_evictions": stats.pager.slot_evictions,
-            "disk_loads": stats.pager.disk_loads,
+            "slot_evictions": stats.pager.slot_evictions - before.slot_evictions,
+            "disk_loads": stats.pager.disk_loads - before.disk_loads,  # during the run
             "preemptions": stats.scheduler.num_preemptions,
         }
         del llm
