@@ -93,10 +93,15 @@ class _TensorsOnlyUnpickler(pickle.Unpickler):
     types (dtype tags) itself before asking here.
     """
 
+    # torch's rebuilders are private names: one a later torch drops is left out, and files that
+    # name it go to the weights-only reader.
     _ALLOWED: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        **{
+            ("torch._utils", name): getattr(torch._utils, name)
+            for name in ("_rebuild_tensor_v2", "_rebuild_parameter")
+            if hasattr(torch._utils, name)
+        },
     }
 
     def find_class(self, module: str, name: str) -> Any:
