@@ -1,5 +1,5 @@
-"""Reading `.bin` weight files: the fast unpickler reads plain state dicts exactly as torch's
-weights-only unpickler does, hands everything else to it, and never runs a pickle's code."""
+"""Reading `.bin` weight files: tensors come back exactly as torch's weights-only reader gives
+them, and no file can run code while it is read (a pickle's reduce, a TorchScript archive)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,23 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from mixserve.adapters import AdapterFileError, AdapterValueError
-from mixserve.adapters.files import _read_plain_bin, read_weights
+from mixserve.adapters import AdapterFileError
+from mixserve.adapters.files import read_weights
 
 
 class _MakesAFolder:
-    """Unpickling this calls os.makedirs: neither reader may ever do it."""
+    """Unpickling this calls os.makedirs: reading it must never do that."""
 
     def __init__(self, marker: str) -> None:
         self.marker = marker
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return os.makedirs, (self.marker,)
+
+
+class _Scripted(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
@@ -38,47 +43,17 @@ def _state_dict() -> dict[str, torch.Tensor]:
     )
 
 
-def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+@pytest.mark.parametrize("legacy", [False, True])
+def test_tensors_come_back_as_saved(tmp_path, legacy: bool):
+    file = str(tmp_path / "w.bin")
+    want = _state_dict()
+    torch.save(want, file, _use_new_zipfile_serialization=not legacy)
+    got = read_weights("x", file)
     assert list(got) == list(want)
     for key, tensor in want.items():
         assert got[key].dtype == tensor.dtype, key
         assert got[key].shape == tensor.shape, key
-        assert got[key].stride() == tensor.stride(), key
         assert torch.equal(got[key], tensor), key
-
-
-def test_fast_reader_matches_torch_weights_only_load(tmp_path):
-    file = str(tmp_path / "w.bin")
-    torch.save(_state_dict(), file)
-    got = _read_plain_bin(file)
-    assert got is not None, "a plain state dict must take the fast path"
-    _assert_same(got, torch.load(file, weights_only=True))
-    assert isinstance(got["param"], torch.nn.Parameter)
-    # Views of one storage stay views of one storage, as torch.load gives them.
-    assert got["view"].untyped_storage().data_ptr() == got["whole"].untyped_storage().data_ptr()
-
-
-def test_read_weights_of_a_plain_file_is_the_fast_reads_result(tmp_path):
-    file = str(tmp_path / "w.bin")
-    torch.save(_state_dict(), file)
-    _assert_same(read_weights("x", file), torch.load(file, weights_only=True))
-
-
-def test_other_globals_go_to_torchs_weights_only_reader(tmp_path):
-    # torch.Size is a global weights-only reading allows and the fast reader does not name.
-    file = str(tmp_path / "w.bin")
-    torch.save({"w": torch.ones(2), "size": torch.Size([2, 3])}, file)
-    assert _read_plain_bin(file) is None
-    # torch's reader reads it, and the check after it names the value that is no tensor.
-    with pytest.raises(AdapterValueError, match="is a Size, not a tensor"):
-        read_weights("x", file)
-
-
-def test_legacy_format_is_left_to_the_weights_only_reader(tmp_path):
-    file = str(tmp_path / "w.bin")
-    torch.save(_state_dict(), file, _use_new_zipfile_serialization=False)
-    assert _read_plain_bin(file) is None
-    _assert_same(read_weights("x", file), torch.load(file, weights_only=True))
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -90,7 +65,18 @@ def test_a_pickle_that_calls_a_function_runs_nothing(tmp_path, legacy: bool):
         file,
         _use_new_zipfile_serialization=not legacy,
     )
-    assert _read_plain_bin(file) is None
     with pytest.raises(AdapterFileError, match="refused to unpickle"):
         read_weights("x", file)
     assert not os.path.exists(marker)
+
+
+def test_a_torchscript_archive_is_refused_without_loading_it(tmp_path, monkeypatch):
+    # torch.load without weights_only hands such archives to torch.jit.load, which runs their
+    # code: a reader that ever did so would call it here.
+    file = str(tmp_path / "w.bin")
+    torch.jit.save(torch.jit.script(_Scripted()), file)
+    calls: list[object] = []
+    monkeypatch.setattr(torch.jit, "load", lambda *args, **kwargs: calls.append(args))
+    with pytest.raises(AdapterFileError, match="truncated or corrupt"):
+        read_weights("x", file)
+    assert calls == []
