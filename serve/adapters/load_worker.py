@@ -1,12 +1,11 @@
 """Adapter reads in worker processes, so they never hold the engine process's GIL.
 
-Reading a MoE-PEFT `.bin` and stacking its ~1000 tensors is mostly Python: ~60 ms of held GIL
-for a 28 MB file (~110 ms through torch's pure-Python weights-only unpickler, which files.py now
-uses only for files that name more than a plain state dict). On a load thread of the engine
-process that GIL is shared with the engine thread, which releases and re-takes it around every
-torch op, and both slow down several times (measured on 2 cores with the slower reader: loads
-2-4x slower than alone, prefill steps beside them 3-8x). A worker process reads, validates and
-stacks the adapter, then hands back its few stacked tensors.
+Reading a MoE-PEFT `.bin` is mostly torch's weights-only unpickler, which is pure Python: ~1000
+tensors per adapter, ~80 ms of held GIL for a 28 MB file. On a load thread of the engine process
+that GIL is shared with the engine thread, which releases and re-takes it around every torch op,
+and both slow down several times (measured on 2 cores: loads 2-4x slower than alone, prefill
+steps beside them 3-8x). A worker process reads, validates and stacks the adapter, then hands
+back its few stacked tensors.
 
 The tensors travel through a safetensors file in the loader's own folder on shared memory
 (/dev/shm where it exists); the pipe carries the skeleton. A pipe moves at most 1 MiB per read,
@@ -243,9 +242,16 @@ class ProcessLoader:
         try:
             worker.await_ready()
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
-            logger.error("the adapter load worker died while starting: %r", exc)
+            logger.error(
+                "the adapter load worker failed while starting (exit code %s): %r",
+                worker.proc.poll(),
+                exc,
+            )
             self._drop(worker)
             return
+        except BaseException:  # e.g. Ctrl-C during the wait: the worker is not lost untracked
+            self._drop(worker)
+            raise
         with self._lock:
             if not self._closed:
                 self._idle.put(worker)

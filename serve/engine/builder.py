@@ -91,7 +91,6 @@ def _num_load_workers(config: AdapterPoolConfig, device: torch.device) -> int:
 
 
 def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None) -> BuiltEngine:
-    from transformers import AutoTokenizer
 
     adapters = dict(adapters or {})
     model_dir = resolve_model_dir(config.model.model)
@@ -105,11 +104,27 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
         process_loader.start()  # the worker imports torch while the model loads
         loader = process_loader
     try:
-        model = load_model(model_dir, dtype, device)
-    except BaseException:
+        return _assemble_engine(
+            config, adapters, model_dir, dtype, device, loader, num_load_workers
+        )
+    except BaseException:  # a failed build leaves no worker process behind
         if isinstance(loader, ProcessLoader):
             loader.close()
         raise
+
+
+def _assemble_engine(
+    config: EngineConfig,
+    adapters: dict[str, str],
+    model_dir: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    loader: Loader,
+    num_load_workers: int,
+) -> BuiltEngine:
+    from transformers import AutoTokenizer
+
+    model = load_model(model_dir, dtype, device)
     arch = model.arch
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos = set(arch.eos_token_ids)

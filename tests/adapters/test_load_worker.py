@@ -224,7 +224,7 @@ def test_a_worker_that_dies_while_starting_is_dropped_and_replaced(tmp_path, arc
         worker.proc.kill()
         worker.proc.wait()
         loader.wait_until_ready()
-        assert "died while starting" in caplog.text
+        assert "failed while starting" in caplog.text
         assert loader._workers == []
         path = good_adapter(tmp_path)
         assert_same_weights(loader("a", path, arch), load_adapter("a", path, arch))
