@@ -90,7 +90,8 @@ def bench_mixserve_rounds(
         rates = [r[variant]["tokens_per_s"] for r in per_round]
         ratios = [r[variant]["tokens_per_s"] / r["base"]["tokens_per_s"] for r in per_round]
         results[variant] = {
-            **per_round[-1][variant],
+            **per_round[-1][variant],  # counts (tokens, loads, evictions): the last round's
+            "seconds": statistics.median(r[variant]["seconds"] for r in per_round),
             "tokens_per_s": statistics.median(rates),
             "vs_base": statistics.median(ratios),
             "tokens_per_s_rounds": rates,
@@ -114,13 +115,13 @@ def bench_mixserve(
     seconds, tokens = _throughput(base, work["prompts"], [None] * len(work["prompts"]), params)
     results["base"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
     del base
-    for popularity, warm in (("uniform", False), ("zipf", False)) + warm_variants:
+    for popularity, preloaded in (("uniform", False), ("zipf", False)) + warm_variants:
         # Cold: adapters are registered, not preloaded, so the first requests of each pay its
         # disk load. Warm: LLM(adapters=...) loads them into the host tier before the run (a
         # server that has served them before); slots still start empty.
         llm = mixserve.LLM(
             model_dir,
-            adapters=adapter_dirs if warm else None,
+            adapters=adapter_dirs if preloaded else None,
             max_num_seqs=64,
             max_num_batched_tokens=1024,
             max_lora_rank=8,
@@ -128,13 +129,13 @@ def bench_mixserve(
             num_adapter_slots=slots,
             **device,
         )
-        if not warm:
+        if not preloaded:
             for name, path in adapter_dirs.items():
                 llm.engine.pager.add_source(name, path)
         before = llm.stats().pager
         seconds, tokens = _throughput(llm, work["prompts"], work[popularity], params)
         stats = llm.stats()
-        results[popularity + ("_warm" if warm else "")] = {
+        results[popularity + ("_warm" if preloaded else "")] = {
             "seconds": seconds,
             "tokens": tokens,
             "tokens_per_s": tokens / seconds,
