@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +32,12 @@ class Segments:
         if self.num_valid is not None:
             return int(self.num_valid)
         return int(self.row_ids.shape[0])
+
+    def memoised(self, key: str, build: Callable[[], T]) -> T:
+        """build()'s value (None included), built on the first call per key and kept in memo."""
+        if key not in self.memo:
+            self.memo[key] = build()
+        return cast(T, self.memo[key])
 
     def subset(self, positions: torch.Tensor) -> Segments:
         """The assignments at positions ([P'] int64, ascending: the result stays sorted by

@@ -8,7 +8,6 @@ zero, so `group_ranks` changes nothing.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import cast
 
 import torch
 
@@ -60,9 +59,8 @@ def lora_expand(
     scaled = s[:count] * coef[:count].to(s.dtype)[:, None]
     # Rank-row bags (no GEMM call per group): a view on the pool's B, a copy for other layouts.
     # Their indices live in the Segments' memo: the pair op expands the same segments twice.
-    if "rank_bags" not in segments.memo:
-        segments.memo["rank_bags"] = RankBags(segments.group_ids)
-    rank, bags = lora_b.shape[2], cast("RankBags", segments.memo["rank_bags"])
+    bags = segments.memoised("rank_bags", lambda: RankBags(segments.group_ids))
+    rank = lora_b.shape[2]
     delta = bag_expand(scaled, lora_b, bags.ids(rank), bags.offsets(rank))  # [P, N_out]
     if scatter_rows:
         out.index_add_(0, segments.row_ids, delta.to(out.dtype))
@@ -77,15 +75,16 @@ def _padded_layout(
     and adds to; the weights padded to [U, M, 1]. Built once per Segments. A padding place takes
     the first assignment's row: its coef is 0, so it adds zeros to that row (non-finite x there
     already makes the row's own delta non-finite)."""
-    if "padded" not in segments.memo:
+
+    def build() -> tuple[PaddedGroups, torch.Tensor, torch.Tensor] | None:
         padded = padded_groups(segments.group_ids)
-        layout = None
-        if padded is not None:
-            place_rows = segments.row_ids[:1].repeat(padded.num_groups * padded.max_rows)
-            place_rows.index_copy_(0, padded.flat_pos, segments.row_ids)
-            layout = (padded, place_rows, padded.pad(segments.weights[:, None]))
-        segments.memo["padded"] = layout
-    return cast("tuple[PaddedGroups, torch.Tensor, torch.Tensor] | None", segments.memo["padded"])
+        if padded is None:
+            return None
+        place_rows = segments.row_ids[:1].repeat(padded.num_groups * padded.max_rows)
+        place_rows.index_copy_(0, padded.flat_pos, segments.row_ids)
+        return padded, place_rows, padded.pad(segments.weights[:, None])
+
+    return segments.memoised("padded", build)
 
 
 def joint_parts(
@@ -131,13 +130,14 @@ def _apply_padded(
 def _runs_layout(segments: Segments) -> tuple[RowRuns, Segments | None] | None:
     """row_runs of the (trimmed) segments and the Segments of the rest, built once per
     Segments (so the rest's own layouts are too)."""
-    if "runs" not in segments.memo:
+
+    def build() -> tuple[RowRuns, Segments | None] | None:
         runs = row_runs(segments.row_ids, segments.group_ids)
-        rest = None
-        if runs is not None and runs.rest is not None:
-            rest = segments.subset(runs.rest)
-        segments.memo["runs"] = None if runs is None else (runs, rest)
-    return cast("tuple[RowRuns, Segments | None] | None", segments.memo["runs"])
+        if runs is None:
+            return None
+        return runs, None if runs.rest is None else segments.subset(runs.rest)
+
+    return segments.memoised("runs", build)
 
 
 def _apply_runs(
@@ -245,11 +245,12 @@ def lora_apply_sites(
 def _split_layout(segments: Segments) -> list[tuple[Segments, torch.Tensor]] | None:
     """split_past_padded_rows of the segments as (Segments, positions) per level, built once
     per Segments (so each level's own padded layout is too)."""
-    if "split" not in segments.memo:
+
+    def build() -> list[tuple[Segments, torch.Tensor]] | None:
         split = split_past_padded_rows(segments.group_ids)
-        parts = None if split is None else [(segments.subset(ids), ids) for ids in split]
-        segments.memo["split"] = parts
-    return cast("list[tuple[Segments, torch.Tensor]] | None", segments.memo["split"])
+        return None if split is None else [(segments.subset(ids), ids) for ids in split]
+
+    return segments.memoised("split", build)
 
 
 def _apply_groups(

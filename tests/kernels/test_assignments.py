@@ -130,3 +130,19 @@ def test_concat_segments_is_a_stable_merge(count_a, count_b):
         for group in set(groups):
             rows = [r for r, g, _ in got if g == group and r in mine]
             assert rows == sorted(rows)
+
+
+def test_memoised_builds_once_per_key_and_keeps_none():
+    ids = torch.tensor([0, 1, 2])
+    segments = Segments(ids, ids, torch.ones(3))
+    calls: list[str] = []
+
+    def build(key: str, value: object):
+        return lambda: calls.append(key) or value
+
+    assert segments.memoised("layout", build("layout", None)) is None
+    assert segments.memoised("layout", build("layout", "other")) is None  # None is kept too
+    assert segments.memoised("bags", build("bags", 7)) == 7
+    assert segments.memoised("bags", build("bags", 8)) == 7
+    assert calls == ["layout", "bags"]
+    assert segments.subset(torch.tensor([0, 2])).memo == {}  # a subset starts empty
