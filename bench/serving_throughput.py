@@ -68,23 +68,11 @@ def _throughput(
     return seconds, sum(len(o.token_ids) for o in outs)
 
 
-def bench_mixserve_rounds(
-    model_dir: str,
-    adapter_dirs: dict[str, str],
-    work: dict,
-    params: SamplingParams,
-    slots: int,
-    device: dict[str, str],
-    rounds: int,
-    warm: bool,
-) -> dict:
-    """Rounds of (base, uniform, zipf), each variant in a fresh engine; per variant the median
-    tokens/s over the rounds and the median of its per-round ratio to that round's base (a VM's
-    speed drifts by 10% or more between minutes: a ratio within one round sees one speed)."""
-    per_round = [
-        bench_mixserve(model_dir, adapter_dirs, work, params, slots, device, warm)
-        for _ in range(rounds)
-    ]
+def summarize_rounds(per_round: list[dict]) -> dict:
+    """Per variant of rounds of (base, uniform, zipf), each variant in a fresh engine: the
+    median tokens/s over the rounds and the median of its per-round ratio to that round's base
+    (a VM's speed drifts by 10% or more between minutes: a ratio within one round sees one
+    speed)."""
     results: dict = {"rounds": per_round}
     for variant in per_round[0]:
         rates = [r[variant]["tokens_per_s"] for r in per_round]
@@ -271,11 +259,11 @@ def main() -> None:
             for i in range(args.adapters)
         }
         results = {"load_time": bench_load_time(model_dir, adapter_dirs["a0"], device)}
-        results.update(
-            bench_mixserve_rounds(
-                model_dir, adapter_dirs, work, params, args.slots, device, args.rounds, args.warm
-            )
-        )
+        per_round = [
+            bench_mixserve(model_dir, adapter_dirs, work, params, args.slots, device, args.warm)
+            for _ in range(args.rounds)
+        ]
+        results.update(summarize_rounds(per_round))
         if not args.skip_package:
             for popularity in ("uniform", "zipf"):
                 results[f"package_{popularity}"] = bench_package(
