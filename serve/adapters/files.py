@@ -1,12 +1,14 @@
 """Finding and reading an adapter folder's files: config JSON and weights (.safetensors or .bin).
 
-`.bin` files are pickles: they are only ever read with ``torch.load(weights_only=True)``, which
-refuses anything but tensors and plain containers.
+`.bin` files are pickles. A plain state dict is read by `bin_reader` (the C unpickler with every
+global a stand-in of ours); anything else goes to ``torch.load(weights_only=True)``, which
+refuses anything but tensors and plain containers. Nothing else ever unpickles them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -17,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from mixserve.adapters.bin_reader import NotPlainStateDict, read_bin_state_dict
 from mixserve.adapters.errors import (
     AdapterConfigError,
     AdapterFileError,
@@ -27,6 +30,8 @@ from mixserve.adapters.errors import (
 # Preferred first. The mixlora_* pair is the oldest m-LoRA MixLoRA naming.
 CONFIG_FILE_NAMES = ("adapter_config.json", "mixlora_config.json")
 WEIGHT_FILE_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "mixlora_model.bin")
+logger = logging.getLogger(__name__)
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -75,6 +80,10 @@ def _refusal_reason(exc: Exception) -> str:
 
 
 def _read_bin(name: str, path: str) -> Any:
+    try:
+        return read_bin_state_dict(path)
+    except NotPlainStateDict as exc:
+        logger.debug("adapter '%s': %s, read by torch's weights-only reader", name, exc)
     try:
         try:
             # Memory-mapped: tensors are read straight from the page cache (~15% faster for

@@ -1,10 +1,11 @@
 """Adapter reads in worker processes, so they never hold the engine process's GIL.
 
-Reading a MoE-PEFT `.bin` is mostly torch's weights-only unpickler, which is pure Python: ~1000
-tensors per adapter, ~80 ms of held GIL for a 28 MB file. On a load thread of the engine process
-that GIL is shared with the engine thread, which releases and re-takes it around every torch op,
-and both slow down several times (measured on 2 cores: loads 2-4x slower than alone, prefill
-steps beside them 3-8x). A worker process reads, validates and stacks the adapter, then hands
+A load holds the GIL for much of its time: unpickling a MoE-PEFT `.bin` (~1000 tensors; ~20 ms
+for a 28 MB file through `bin_reader`, ~80 ms for files only torch's pure-Python weights-only
+reader takes) and the Python of validating and stacking them. On a load thread of the engine
+process that GIL is shared with the engine thread, which releases and re-takes it around every
+torch op, and both slow down several times (measured on 2 cores with torch's reader: loads 2-4x
+slower than alone, prefill steps beside them 3-8x). A worker process reads, validates and stacks the adapter, then hands
 back its few stacked tensors.
 
 The tensors travel through a safetensors file in the loader's own folder on shared memory

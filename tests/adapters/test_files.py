@@ -4,23 +4,13 @@ them, and no file can run code while it is read (a pickle's reduce, a TorchScrip
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 import pytest
 import torch
+from support.state_dicts import MakesAFolder, mixed_state_dict
 
 from mixserve.adapters import AdapterFileError
 from mixserve.adapters.files import read_weights
-
-
-class _MakesAFolder:
-    """Unpickling this calls os.makedirs: reading it must never do that."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return os.makedirs, (self.marker,)
 
 
 class _Scripted(torch.nn.Module):
@@ -28,25 +18,10 @@ class _Scripted(torch.nn.Module):
         return x + 1
 
 
-def _state_dict() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    shared = torch.randn(6, 4, generator=g)
-    return OrderedDict(
-        w32=torch.randn(3, 5, generator=g),
-        w16=torch.randn(2, 3, generator=g).half(),
-        wbf16=torch.randn(4, generator=g).bfloat16(),
-        param=torch.nn.Parameter(torch.randn(2, 2, generator=g), requires_grad=False),
-        view=shared[1:4],  # a view at an offset into another tensor's storage
-        transposed=shared.t(),  # strides of a transposed view
-        whole=shared,
-        empty=torch.zeros(0, 3),
-    )
-
-
 @pytest.mark.parametrize("legacy", [False, True])
 def test_tensors_come_back_as_saved(tmp_path, legacy: bool):
     file = str(tmp_path / "w.bin")
-    want = _state_dict()
+    want = mixed_state_dict()
     torch.save(want, file, _use_new_zipfile_serialization=not legacy)
     got = read_weights("x", file)
     assert list(got) == list(want)
@@ -61,7 +36,7 @@ def test_a_pickle_that_calls_a_function_runs_nothing(tmp_path, legacy: bool):
     marker = str(tmp_path / "ran")
     file = str(tmp_path / "w.bin")
     torch.save(
-        {"w": torch.ones(2), "evil": _MakesAFolder(marker)},
+        {"w": torch.ones(2), "evil": MakesAFolder(marker)},
         file,
         _use_new_zipfile_serialization=not legacy,
     )
