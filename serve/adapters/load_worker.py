@@ -5,8 +5,8 @@ for a 28 MB file through `bin_reader`, ~80 ms for files only torch's pure-Python
 reader takes) and the Python of validating and stacking them. On a load thread of the engine
 process that GIL is shared with the engine thread, which releases and re-takes it around every
 torch op, and both slow down several times (measured on 2 cores with torch's reader: loads 2-4x
-slower than alone, prefill steps beside them 3-8x). A worker process reads, validates and stacks the adapter, then hands
-back its few stacked tensors.
+slower than alone, prefill steps beside them 3-8x). A worker process reads, validates and
+stacks the adapter, then hands back its few stacked tensors.
 
 The tensors travel through a safetensors file in the loader's own folder on shared memory
 (/dev/shm where it exists); the pipe carries the skeleton. A pipe moves at most 1 MiB per read,
@@ -31,6 +31,7 @@ import logging
 import os
 import pickle
 import queue
+import select
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,10 @@ from mixserve.model.arch import ArchConfig
 logger = logging.getLogger(__name__)
 
 READY = "ready"  # a worker's first reply: its imports are done
+# How long build_engine waits for that reply (~2 s on 2 vCPUs; a loaded machine or a slow
+# filesystem may take many times that) before it kills the worker: a hung import must not
+# keep the engine from starting.
+READY_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +158,17 @@ class _Worker:
             fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
         self._ready = False  # its first reply, READY, has been read
 
-    def await_ready(self) -> None:
+    def await_ready(self, timeout_s: float | None = None) -> None:
         """Block until the worker has imported what loads need (its first reply); raises
-        OSError, EOFError or pickle.UnpicklingError where it died instead."""
+        OSError, EOFError or pickle.UnpicklingError where it died instead, TimeoutError where
+        it has not replied within timeout_s."""
         if self._ready:
             return
         assert self.proc.stdout is not None
+        if timeout_s is not None:
+            readable, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+            if not readable:
+                raise TimeoutError(f"no reply in {timeout_s:g} s")
         reply = pickle.load(self.proc.stdout)
         if reply != READY:
             raise pickle.UnpicklingError(f"expected the worker's ready reply, got {reply!r}")
@@ -231,17 +241,23 @@ class ProcessLoader:
             if not self._workers and not self._closed:
                 self._idle.put(self._spawn())
 
-    def wait_until_ready(self) -> None:
+    def wait_until_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Block until the worker start() began has imported torch and the loader (~2 s from
         its spawn on 2 vCPUs), so the first load takes a load's time, not an import's too. A
-        worker that died meanwhile is dropped with an error logged: the next load starts
-        another and fails with the reason if that one dies too."""
+        worker that died meanwhile, or has not replied within timeout_s, is dropped with an
+        error logged: the next load starts another and fails with the reason if that one dies
+        too."""
         try:
             worker = self._idle.get_nowait()
         except queue.Empty:
             return  # not started, closed, or already lent to a load (which waits itself)
         try:
-            worker.await_ready()
+            worker.await_ready(timeout_s)
+        except TimeoutError as exc:
+            logger.error("the adapter load worker hung while starting: %s; killed", exc)
+            worker.proc.kill()
+            self._drop(worker)
+            return
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             logger.error(
                 "the adapter load worker failed while starting (exit code %s): %r",

@@ -231,3 +231,20 @@ def test_a_worker_that_dies_while_starting_is_dropped_and_replaced(tmp_path, arc
         assert loader._workers and loader._workers[0] is not worker
     finally:
         loader.close()
+
+
+def test_a_worker_that_hangs_while_starting_is_killed_and_replaced(tmp_path, arch, caplog):
+    loader = ProcessLoader(max_workers=1)
+    try:
+        loader.start()
+        (worker,) = loader._workers
+        os.kill(worker.proc.pid, signal.SIGSTOP)  # stopped long before its imports are done
+        loader.wait_until_ready(timeout_s=0.5)
+        assert "hung while starting" in caplog.text
+        assert loader._workers == []
+        assert worker.proc.poll() == -signal.SIGKILL
+        path = good_adapter(tmp_path)
+        assert_same_weights(loader("a", path, arch), load_adapter("a", path, arch))
+        assert loader._workers and loader._workers[0] is not worker
+    finally:
+        loader.close()
