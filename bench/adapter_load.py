@@ -29,7 +29,7 @@ from model_step import _median_seconds  # noqa: E402 - the benches' one timing h
 from support.adapter_files import BaseDims, write_adapter  # noqa: E402
 
 from mixserve.adapters import load_adapter  # noqa: E402
-from mixserve.adapters.load_worker import ProcessLoader  # noqa: E402
+from mixserve.adapters.process_loader import ProcessLoader  # noqa: E402
 from mixserve.model import load_arch  # noqa: E402
 from mixserve.model.default_model import default_model_dir  # noqa: E402
 from mixserve.torch_threads import single_threaded_torch  # noqa: E402

@@ -40,7 +40,7 @@ from support.reference_mixlora import inject_mixlora  # noqa: E402
 
 import mixserve  # noqa: E402
 from mixserve.adapters import AdapterPool, PoolShape, load_adapter  # noqa: E402
-from mixserve.adapters.load_worker import ProcessLoader  # noqa: E402
+from mixserve.adapters.process_loader import ProcessLoader  # noqa: E402
 from mixserve.model.default_model import default_model_dir  # noqa: E402
 from mixserve.types import SamplingParams  # noqa: E402
 

@@ -4,6 +4,10 @@ torch's weights-only unpickler is pure Python: ~85 of the ~110 ms that loading a
 990-tensor MoE-PEFT adapter takes. This reader runs the C unpickler on the archive's data.pkl
 instead, made safe by what it can reach rather than by what it checks:
 
+- Before it runs, data.pkl is scanned (`_check_opcodes`): only the opcodes that `torch.save`
+  writes for a dict of tensors at protocol 2 may appear, and memo indices stay below 2**20. So
+  no BUILD, no object creation but through REDUCE, no extension codes (their registry is
+  process-wide), and no 5-byte pickle that makes the C unpickler size its memo to gigabytes.
 - Every global the pickle names resolves to a `_StandIn` of ours, never to a function, class or
   module of this process. A stand-in has no state the pickle can change (no ``__dict__``, no
   ``__setstate__``, ``__setattr__`` refuses), and calling one (REDUCE) only returns a `_Call`
@@ -11,11 +15,15 @@ instead, made safe by what it can reach rather than by what it checks:
   numbers, strings) and our records; BUILD, SETITEM and APPEND on a stand-in or record fail.
 - The archive is opened with `torch._C.PyTorchFileReader`, which reads records and runs nothing:
   ``torch.load(weights_only=False)`` would hand a TorchScript archive to ``torch.jit.load``.
-- Tensors are made afterwards, from the records, as views of a private map of the file, each
-  checked to lie inside its own storage record.
+- Tensors are made afterwards, from the records, as views of a map of the file, each checked to
+  lie inside its own storage record, which must be stored uncompressed (as torch.save writes
+  them). The map is private: writes to the tensors stay in this process. Like
+  ``torch.load(mmap=True)``, it is not a snapshot: the file's bytes are read as the tensors are
+  used (the loader copies them at once), and a file truncated meanwhile raises SIGBUS.
 
-Anything else (another global, a big-endian or legacy-format file, an argument of an unusual
-form) raises `NotPlainStateDict`, and the caller reads the file with
+Tensors come back as plain tensors (a saved Parameter's requires_grad is dropped: adapters are
+inference weights). Anything else (another opcode or global, a big-endian or legacy-format file,
+an argument of an unusual form) raises `NotPlainStateDict`, and the caller reads the file with
 ``torch.load(weights_only=True)``, which accepts or refuses it with its own message.
 """
 
@@ -24,6 +32,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
+import zipfile
 from typing import Any, NoReturn
 
 import torch
@@ -40,7 +50,6 @@ _STORAGE_DTYPES = {
     "torch.CharStorage": torch.int8,
     "torch.ByteStorage": torch.uint8,
     "torch.BoolStorage": torch.bool,
-    "torch.UntypedStorage": torch.uint8,  # numel counts bytes
 }
 _REBUILD_TENSOR = "torch._utils._rebuild_tensor_v2"
 _REBUILD_PARAMETER = "torch._utils._rebuild_parameter"
@@ -54,6 +63,45 @@ class NotPlainStateDict(Exception):
 
 def _refuse(reason: str) -> NoReturn:
     raise NotPlainStateDict(reason)
+
+
+# A run of the fixed-size opcodes of a protocol-2 state dict: EMPTY_DICT, EMPTY_TUPLE, MARK,
+# TUPLE, TUPLE1-3, NEWTRUE, NEWFALSE, NONE, REDUCE, BINPERSID, SETITEM, SETITEMS; BINPUT,
+# BINGET, BININT1; BININT2; BININT, LONG_BINGET; LONG_BINPUT below 2**20 (a memo index sizes
+# the C unpickler's memo to twice it: a legitimate file's indices stay below its opcode count).
+_FIXED_SIZE_RUN = re.compile(
+    rb"(?:[})(t\x85\x86\x87\x88\x89NRQsu]|[qhK].|M..|[Jj]....|r..[\x00-\x0f]\x00)*", re.DOTALL
+)
+_MAX_GLOBAL_LINE = 256
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Refuse data.pkl unless it is PROTO 2, then runs of `_FIXED_SIZE_RUN` and the
+    variable-size opcodes BINUNICODE, GLOBAL and LONG1, then STOP as its last byte. C-speed
+    except one Python step per string, global or long."""
+    if not data.startswith(b"\x80\x02"):
+        _refuse("not a protocol-2 pickle")
+    pos, end = 2, len(data)
+    while True:
+        match = _FIXED_SIZE_RUN.match(data, pos)
+        pos = end if match is None else match.end()
+        if pos >= end:
+            _refuse("the pickle ends without STOP")
+        op = data[pos]
+        if op == 0x58:  # BINUNICODE: 4-byte length, then the UTF-8 bytes
+            pos += 5 + int.from_bytes(data[pos + 1 : pos + 5], "little")
+        elif op == 0x63:  # GLOBAL: module and name, each on its own line
+            first = data.find(b"\n", pos + 1, pos + _MAX_GLOBAL_LINE)
+            second = data.find(b"\n", first + 1, first + _MAX_GLOBAL_LINE)
+            if first < 0 or second < 0:
+                _refuse("a global of an unusual form")
+            pos = second + 1
+        elif op == 0x8A:  # LONG1: 1-byte length, then the little-endian integer
+            pos += 2 + (data[pos + 1] if pos + 1 < end else 0)
+        elif op == 0x2E and pos == end - 1:  # STOP
+            return
+        else:
+            _refuse(f"opcode {bytes([op])!r} at byte {pos}")
 
 
 class _StandIn:
@@ -125,6 +173,19 @@ class _Storages:
 
     def __init__(self, reader: torch._C.PyTorchFileReader, path: str) -> None:
         self._reader = reader
+        # What miniz does not say: how each record is stored. torch.save stores them all;
+        # a compressed record's bytes at its offset are not its values.
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+        names = [entry.filename for entry in entries]
+        if not entries or len(set(names)) != len(names):
+            _refuse("an archive with no records or with two of one name")
+        prefix = names[0].split("/", 1)[0] + "/"
+        self._stored_sizes = {
+            entry.filename.removeprefix(prefix): entry.file_size
+            for entry in entries
+            if entry.compress_type == zipfile.ZIP_STORED and entry.compress_size == entry.file_size
+        }
         try:
             self._file = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
         except RuntimeError as exc:
@@ -149,7 +210,8 @@ class _Storages:
         if not self._reader.has_record(record):
             _refuse(f"no record {record}")
         nbytes = numel * dtype.itemsize
-        if self._reader.get_record_size(record) != nbytes:
+        stored_size = self._stored_sizes.get(record)
+        if self._reader.get_record_size(record) != nbytes or stored_size != nbytes:
             _refuse(f"record {record} does not hold {numel} {dtype} values")
         offset = self._reader.get_record_offset(record)
         storage = torch.empty(0, dtype=dtype).set_(self._file[offset : offset + nbytes])
@@ -185,11 +247,21 @@ def _tensor(value: object, storages: _Storages) -> torch.Tensor:
 
 
 def read_bin_state_dict(path: str) -> dict[Any, torch.Tensor]:
-    """A `torch.save`d dict of tensors, as views of a private (copy-on-write) map of the file.
+    """A `torch.save`d dict of tensors, as views of a private map of the file.
 
-    Raises NotPlainStateDict for anything else, or OSError where the file cannot be read; the
-    caller then reads it with ``torch.load(weights_only=True)``.
+    Raises NotPlainStateDict for anything else, and where the file cannot be read or its
+    archive is damaged: the caller then reads it with ``torch.load(weights_only=True)``, which
+    says what is wrong.
     """
+    try:
+        return _read(path)
+    except (RuntimeError, OSError, zipfile.BadZipFile, ValueError, OverflowError) as exc:
+        # torch's own reader errors (a damaged record, a tensor too large to index), the zip
+        # module's, or the file's.
+        raise NotPlainStateDict(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _read(path: str) -> dict[Any, torch.Tensor]:
     try:
         reader = torch._C.PyTorchFileReader(path)
     except RuntimeError as exc:  # not a zip archive: torch's legacy format, or not torch's
@@ -198,8 +270,10 @@ def read_bin_state_dict(path: str) -> dict[Any, torch.Tensor]:
         _refuse("a big-endian file")
     if not reader.has_record("data.pkl"):
         _refuse("no data.pkl")
+    data = reader.get_record("data.pkl")
+    _check_opcodes(data)
     try:
-        loaded = _Unpickler(io.BytesIO(reader.get_record("data.pkl"))).load()
+        loaded = _Unpickler(io.BytesIO(data)).load()
     except NotPlainStateDict:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here only means "not plain"

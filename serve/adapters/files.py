@@ -85,15 +85,9 @@ def _read_bin(name: str, path: str) -> Any:
     except NotPlainStateDict as exc:
         logger.debug("adapter '%s': %s, read by torch's weights-only reader", name, exc)
     try:
-        try:
-            # Memory-mapped: tensors are read straight from the page cache (~15% faster for
-            # MoE-PEFT's ~1000 small tensors); the loader copies them into its stacks.
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # Files of torch's legacy (pre-zip) format cannot be mapped.
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # Not memory-mapped: torch's mapped reads take a compressed record's bytes for its
+        # values, and plain files (where mapping paid) are bin_reader's.
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise AdapterFileError(
             name,

@@ -26,19 +26,11 @@ unsafe in a process with running threads. Pickles are fine here: both ends are m
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import logging
 import os
 import pickle
-import queue
-import select
-import shutil
 import signal
-import subprocess
 import sys
-import threading
 import uuid
-import weakref
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -47,19 +39,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mixserve.adapters.errors import AdapterError
-from mixserve.adapters.exchange_dirs import make_exchange_dir
 from mixserve.adapters.files import AdapterFiles
 from mixserve.adapters.spec import AdapterSpec, SiteKind
 from mixserve.adapters.weights import AdapterWeights, SiteWeights
-from mixserve.model.arch import ArchConfig
-
-logger = logging.getLogger(__name__)
 
 READY = "ready"  # a worker's first reply: its imports are done
-# How long build_engine waits for that reply (~2 s on 2 vCPUs; a loaded machine or a slow
-# filesystem may take many times that) before it kills the worker: a hung import must not
-# keep the engine from starting.
-READY_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,214 +122,6 @@ def unpack_weights(packed: PackedWeights) -> AdapterWeights:
         for proj, kind in packed.site_kinds.items()
     }
     return AdapterWeights(packed.spec, sites, tensors.get("ffn_router"), packed.files)
-
-
-class _Worker:
-    """One child process; used by one load thread at a time."""
-
-    def __init__(self) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # its CPU is the engine's too
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mixserve.adapters.load_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        assert self.proc.stdout is not None
-        # Replies are tens of MB: a 1 MiB pipe (Linux's default cap for unprivileged
-        # processes) instead of 64 KiB cuts the context switches 16x.
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
-        self._ready = False  # its first reply, READY, has been read
-
-    def await_ready(self, timeout_s: float | None = None) -> None:
-        """Block until the worker has imported what loads need (its first reply); raises
-        OSError, EOFError or pickle.UnpicklingError where it died instead, TimeoutError where
-        it has not replied within timeout_s."""
-        if self._ready:
-            return
-        assert self.proc.stdout is not None
-        if timeout_s is not None:
-            readable, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-            if not readable:
-                raise TimeoutError(f"no reply in {timeout_s:g} s")
-        reply = pickle.load(self.proc.stdout)
-        if reply != READY:
-            raise pickle.UnpicklingError(f"expected the worker's ready reply, got {reply!r}")
-        self._ready = True
-
-    def load(
-        self, name: str, path: str, arch: ArchConfig, exchange_dir: str | None
-    ) -> AdapterWeights:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        try:
-            self.await_ready()
-            pickle.dump((name, path, arch, exchange_dir), self.proc.stdin, pickle.HIGHEST_PROTOCOL)
-            self.proc.stdin.flush()
-            ok, value = pickle.load(self.proc.stdout)
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:
-            self.close()
-            raise AdapterError(
-                name, f"the adapter load worker died ({exc!r}, exit code {self.proc.poll()})"
-            ) from exc
-        if not ok:
-            raise value
-        try:
-            return unpack_weights(value)
-        except (OSError, SafetensorError) as exc:  # its exchange file is gone or unreadable
-            raise AdapterError(name, f"the load worker's tensors are unreadable ({exc})") from exc
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def close(self) -> None:
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            # EOF: the worker exits after its current read. A broken pipe: it is gone already.
-            with contextlib.suppress(BrokenPipeError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-class ProcessLoader:
-    """`load_adapter` (the Loader signature) run in up to max_workers child processes.
-
-    Thread-safe: a load thread takes an idle worker (starting one while fewer than max_workers
-    exist) and waits on its pipe with the GIL released. Errors come back as the same typed
-    AdapterErrors; a worker that dies fails its load and is replaced by the next one.
-    """
-
-    def __init__(self, max_workers: int) -> None:
-        if max_workers < 1:
-            raise ValueError("max_workers must be >= 1")
-        self._max_workers = max_workers
-        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._workers: list[_Worker] = []
-        self._closed = False
-        self.exchange_dir = make_exchange_dir()
-        # A loader dropped without close() (an LLM that goes out of scope) still ends its
-        # workers (they exit at the EOF on their stdin) and removes its exchange folder.
-        self._finalizer = weakref.finalize(self, _hang_up, self._workers, self.exchange_dir)
-
-    def start(self) -> None:
-        """Start one worker now (it imports torch while the caller goes on), so the first load
-        does not wait for that."""
-        with self._lock:
-            if not self._workers and not self._closed:
-                self._idle.put(self._spawn())
-
-    def wait_until_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Block until the worker start() began has imported torch and the loader (~2 s from
-        its spawn on 2 vCPUs), so the first load takes a load's time, not an import's too. A
-        worker that died meanwhile, or has not replied within timeout_s, is dropped with an
-        error logged: the next load starts another and fails with the reason if that one dies
-        too."""
-        try:
-            worker = self._idle.get_nowait()
-        except queue.Empty:
-            return  # not started, closed, or already lent to a load (which waits itself)
-        try:
-            worker.await_ready(timeout_s)
-        except TimeoutError as exc:
-            logger.error("the adapter load worker hung while starting: %s; killed", exc)
-            worker.proc.kill()
-            self._drop(worker)
-            return
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:
-            logger.error(
-                "the adapter load worker failed while starting (exit code %s): %r",
-                worker.proc.poll(),
-                exc,
-            )
-            self._drop(worker)
-            return
-        except BaseException:  # e.g. Ctrl-C during the wait: the worker is not lost untracked
-            self._drop(worker)
-            raise
-        with self._lock:
-            if not self._closed:
-                self._idle.put(worker)
-                return
-        self._drop(worker)  # the loader closed while the worker started
-
-    def _drop(self, worker: _Worker) -> None:
-        with self._lock:
-            if worker in self._workers:
-                self._workers.remove(worker)
-            last = self._closed and not self._workers
-        worker.close()
-        if last:
-            self._finalizer()
-
-    def _spawn(self) -> _Worker:
-        worker = _Worker()
-        self._workers.append(worker)
-        return worker
-
-    def _take(self) -> _Worker:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the adapter loader is closed")
-            try:
-                return self._idle.get_nowait()
-            except queue.Empty:
-                if len(self._workers) < self._max_workers:
-                    return self._spawn()
-        while True:  # every worker is busy: wait for one, unless the loader closes meanwhile
-            try:
-                return self._idle.get(timeout=0.5)
-            except queue.Empty:
-                if self._closed:
-                    raise RuntimeError("the adapter loader is closed") from None
-
-    def __call__(self, name: str, path: str, arch: ArchConfig) -> AdapterWeights:
-        worker = self._take()
-        try:
-            return worker.load(name, path, arch, self.exchange_dir)
-        finally:
-            with self._lock:
-                if worker.alive and not self._closed:
-                    self._idle.put(worker)
-                else:
-                    if worker in self._workers:
-                        self._workers.remove(worker)
-                    if self._closed:
-                        worker.close()
-                        if not self._workers:
-                            self._finalizer()
-
-    def close(self) -> None:
-        """Stop the idle workers; a busy one stops when its load returns."""
-        with self._lock:
-            self._closed = True
-            idle = []
-            while True:
-                try:
-                    idle.append(self._idle.get_nowait())
-                except queue.Empty:
-                    break
-            for worker in idle:
-                self._workers.remove(worker)
-        for worker in idle:
-            worker.close()
-        if not self._workers:  # else the last busy load's finalizer removes the folder
-            self._finalizer()
-
-
-def _hang_up(workers: list[_Worker], exchange_dir: str | None) -> None:
-    for worker in workers:
-        if worker.proc.stdin is not None and not worker.proc.stdin.closed:
-            with contextlib.suppress(OSError):
-                worker.proc.stdin.close()
-    if exchange_dir is not None:
-        shutil.rmtree(exchange_dir, ignore_errors=True)
 
 
 def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:

@@ -11,10 +11,10 @@ import torch
 from mixserve.adapters import AdapterPool, PoolShape, load_adapter
 from mixserve.adapters.config_parser import parse_adapter_config
 from mixserve.adapters.files import find_adapter_files, read_config
-from mixserve.adapters.load_worker import ProcessLoader
 from mixserve.adapters.loads import Loader
 from mixserve.adapters.pager import AdapterPager
 from mixserve.adapters.pool import RANK_ALIGNMENT
+from mixserve.adapters.process_loader import ProcessLoader
 from mixserve.adapters.sizing import num_slots_for_budget, slot_budget_bytes
 from mixserve.config import AdapterPoolConfig, EngineConfig
 from mixserve.cpu_memory import keep_freed_memory

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from support.state_dicts import MakesAFolder, mixed_state_dict
+from support.state_dicts import MakesAFolder, mixed_state_dict, recompressed
 
 from mixserve.adapters import AdapterFileError
 from mixserve.adapters.files import read_weights
@@ -55,3 +55,13 @@ def test_a_torchscript_archive_is_refused_without_loading_it(tmp_path, monkeypat
     with pytest.raises(AdapterFileError, match="truncated or corrupt"):
         read_weights("x", file)
     assert calls == []
+
+
+def test_a_compressed_archive_reads_right(tmp_path):
+    """Its records are deflated: the fast reader refuses it and torch reads it unmapped."""
+    file = str(tmp_path / "w.bin")
+    want = mixed_state_dict()
+    torch.save(want, file)
+    got = read_weights("x", recompressed(file, str(tmp_path / "deflated.bin")))
+    for key, tensor in want.items():
+        assert torch.equal(got[key], tensor), key

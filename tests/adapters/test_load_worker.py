@@ -23,7 +23,8 @@ from mixserve.adapters import (
     load_adapter,
 )
 from mixserve.adapters.errors import BaseModelMismatchError
-from mixserve.adapters.load_worker import ProcessLoader, pack_weights, unpack_weights
+from mixserve.adapters.load_worker import pack_weights, unpack_weights
+from mixserve.adapters.process_loader import ProcessLoader
 
 
 class RefusedObject:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from engine_support import make_model
 
-from mixserve.adapters.load_worker import ProcessLoader
+from mixserve.adapters.process_loader import ProcessLoader
 from mixserve.config import EngineConfig, ModelConfig
 from mixserve.engine import builder
 
