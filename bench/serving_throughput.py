@@ -172,7 +172,7 @@ def bench_package(
 
 
 def bench_load_time(
-    model_dir: str, adapter_dir: str, device: dict[str, str], repeats: int = 5
+    model_dir: str, adapter_dir: str, device: dict[str, str], repeats: int = 9
 ) -> dict:
     llm = mixserve.LLM(
         model_dir,
@@ -188,7 +188,7 @@ def bench_load_time(
     pool = AdapterPool(arch, shape, 1, model.dtype, model.device)
     process_loader = ProcessLoader(1)  # the engine's path: a worker process reads the files
     process_loader("x", adapter_dir, arch)  # the worker's start-up is not part of a load
-    medians = {}
+    medians, ranges = {}, {}
     for variant, loader in (("in_process", load_adapter), ("worker_process", process_loader)):
         times = []
         for _ in range(repeats):
@@ -199,11 +199,14 @@ def bench_load_time(
                 torch.cuda.synchronize(pool.device)
             times.append(time.perf_counter() - start)
         medians[variant] = statistics.median(times)
+        ranges[variant] = (min(times), max(times))
     process_loader.close()
     size = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir))
     return {
         "median_seconds": medians["worker_process"],
         "in_process_median_seconds": medians["in_process"],
+        "seconds_range": ranges["worker_process"],  # a load's time varies a lot on a small VM
+        "in_process_seconds_range": ranges["in_process"],
         "file_mb": size / 2**20,
     }
 
@@ -289,8 +292,11 @@ def main() -> None:
     load = results["load_time"]
     lines.append(
         f"adapter load (disk -> slot), {load['file_mb']:.1f} MB: "
-        f"{load['median_seconds'] * 1e3:.0f} ms through a load worker process, "
-        f"{load['in_process_median_seconds'] * 1e3:.0f} ms in-process"
+        f"{load['median_seconds'] * 1e3:.0f} ms through a load worker process "
+        f"({load['seconds_range'][0] * 1e3:.0f}-{load['seconds_range'][1] * 1e3:.0f}), "
+        f"{load['in_process_median_seconds'] * 1e3:.0f} ms in-process "
+        f"({load['in_process_seconds_range'][0] * 1e3:.0f}-"
+        f"{load['in_process_seconds_range'][1] * 1e3:.0f})"
     )
     sys.stdout.write("\n".join(lines) + "\n")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -93,6 +93,9 @@ class AdapterPoolConfig:
     # Read adapter files in worker processes (adapters/load_worker.py): a .bin's
     # weights-only unpickling holds the GIL, which the engine thread needs for every op.
     load_in_processes: bool = True
+    # A worker still reading after this long is killed and the load fails: a crafted pickle
+    # can hang any unpickler (a dict key whose hash takes 2**64 steps), a dead disk any read.
+    load_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.max_lora_rank < 1:
@@ -107,6 +110,8 @@ class AdapterPoolConfig:
             raise ValueError("slot_memory_fraction must be in (0, 1]")
         if self.host_cache_bytes < 1 or self.max_load_workers < 1:
             raise ValueError("host_cache_bytes and max_load_workers must be >= 1")
+        if not self.load_timeout_s > 0:
+            raise ValueError("load_timeout_s must be > 0")
 
 
 @dataclass(frozen=True, slots=True)

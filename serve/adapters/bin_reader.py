@@ -21,6 +21,11 @@ instead, made safe by what it can reach rather than by what it checks:
   ``torch.load(mmap=True)``, it is not a snapshot: the file's bytes are read as the tensors are
   used (the loader copies them at once), and a file truncated meanwhile raises SIGBUS.
 
+Not closed, here or in torch's reader: a crafted pickle can hang either (a dict key of tuples
+nested as a DAG, whose hash takes 2**depth steps) or crash it (a key nested ~200,000 deep
+overflows the C stack while hashed). That is one reason reads run in load worker processes,
+which a load timeout kills (process_loader.py).
+
 Tensors come back as plain tensors (a saved Parameter's requires_grad is dropped: adapters are
 inference weights). Anything else (another opcode or global, a big-endian or legacy-format file,
 an argument of an unusual form) raises `NotPlainStateDict`, and the caller reads the file with
@@ -69,8 +74,11 @@ def _refuse(reason: str) -> NoReturn:
 # TUPLE, TUPLE1-3, NEWTRUE, NEWFALSE, NONE, REDUCE, BINPERSID, SETITEM, SETITEMS; BINPUT,
 # BINGET, BININT1; BININT2; BININT, LONG_BINGET; LONG_BINPUT below 2**20 (a memo index sizes
 # the C unpickler's memo to twice it: a legitimate file's indices stay below its opcode count).
+# At most 4096 opcodes a match: `re` keeps a backtracking entry (~115 bytes) per repeat, so an
+# unbounded `*` took ~1 GB to scan 10 MB of MARKs.
 _FIXED_SIZE_RUN = re.compile(
-    rb"(?:[})(t\x85\x86\x87\x88\x89NRQsu]|[qhK].|M..|[Jj]....|r..[\x00-\x0f]\x00)*", re.DOTALL
+    rb"(?:[})(t\x85\x86\x87\x88\x89NRQsu]|[qhK].|M..|[Jj]....|r..[\x00-\x0f]\x00){0,4096}",
+    re.DOTALL,
 )
 _MAX_GLOBAL_LINE = 256
 
@@ -84,7 +92,10 @@ def _check_opcodes(data: bytes) -> None:
     pos, end = 2, len(data)
     while True:
         match = _FIXED_SIZE_RUN.match(data, pos)
-        pos = end if match is None else match.end()
+        assert match is not None  # the run may be empty
+        if match.end() > pos:
+            pos = match.end()
+            continue
         if pos >= end:
             _refuse("the pickle ends without STOP")
         op = data[pos]
@@ -174,15 +185,17 @@ class _Storages:
     def __init__(self, reader: torch._C.PyTorchFileReader, path: str) -> None:
         self._reader = reader
         # What miniz does not say: how each record is stored. torch.save stores them all;
-        # a compressed record's bytes at its offset are not its values.
+        # a compressed record's bytes at its offset are not its values. Each record's
+        # (local header offset, size) as the zip module reads the directory, for records stored
+        # uncompressed; `get` requires miniz to name the same local header.
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
         names = [entry.filename for entry in entries]
         if not entries or len(set(names)) != len(names):
             _refuse("an archive with no records or with two of one name")
         prefix = names[0].split("/", 1)[0] + "/"
-        self._stored_sizes = {
-            entry.filename.removeprefix(prefix): entry.file_size
+        self._stored: dict[str, tuple[int, int]] = {
+            entry.filename.removeprefix(prefix): (entry.header_offset, entry.file_size)
             for entry in entries
             if entry.compress_type == zipfile.ZIP_STORED and entry.compress_size == entry.file_size
         }
@@ -210,9 +223,13 @@ class _Storages:
         if not self._reader.has_record(record):
             _refuse(f"no record {record}")
         nbytes = numel * dtype.itemsize
-        stored_size = self._stored_sizes.get(record)
-        if self._reader.get_record_size(record) != nbytes or stored_size != nbytes:
+        stored = self._stored.get(record)
+        if self._reader.get_record_size(record) != nbytes or stored is None or stored[1] != nbytes:
             _refuse(f"record {record} does not hold {numel} {dtype} values")
+        if self._reader.get_record_header_offset(record) != stored[0]:
+            # miniz found another entry than the zip module (names it compares otherwise,
+            # or a second central directory): the bytes it would read are not vouched for.
+            _refuse(f"record {record} is not the stored entry of that name")
         offset = self._reader.get_record_offset(record)
         storage = torch.empty(0, dtype=dtype).set_(self._file[offset : offset + nbytes])
         self._made[key] = (dtype, numel, storage)

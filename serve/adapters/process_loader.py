@@ -57,23 +57,39 @@ class _Worker:
         if self._ready:
             return
         assert self.proc.stdout is not None
-        if timeout_s is not None:
-            readable, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-            if not readable:
-                raise TimeoutError(f"no reply in {timeout_s:g} s")
+        if timeout_s is not None and not self._replies_within(timeout_s):
+            raise TimeoutError(f"no reply in {timeout_s:g} s")
         reply = pickle.load(self.proc.stdout)
         if reply != READY:
             raise pickle.UnpicklingError(f"expected the worker's ready reply, got {reply!r}")
         self._ready = True
 
+    def _replies_within(self, timeout_s: float) -> bool:
+        """Whether the worker's next reply starts within timeout_s."""
+        readable, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        return bool(readable)
+
     def load(
-        self, name: str, path: str, arch: ArchConfig, exchange_dir: str | None
+        self,
+        name: str,
+        path: str,
+        arch: ArchConfig,
+        exchange_dir: str | None,
+        timeout_s: float | None = None,
     ) -> AdapterWeights:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
             self.await_ready()
             pickle.dump((name, path, arch, exchange_dir), self.proc.stdin, pickle.HIGHEST_PROTOCOL)
             self.proc.stdin.flush()
+            if timeout_s is not None and not self._replies_within(timeout_s):
+                self.proc.kill()
+                self.close()
+                raise AdapterError(
+                    name,
+                    f"reading the adapter took longer than {timeout_s:g} s; its load worker "
+                    "was stopped",
+                )
             ok, value = pickle.load(self.proc.stdout)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
             self.close()
@@ -110,13 +126,15 @@ class ProcessLoader:
 
     Thread-safe: a load thread takes an idle worker (starting one while fewer than max_workers
     exist) and waits on its pipe with the GIL released. Errors come back as the same typed
-    AdapterErrors; a worker that dies fails its load and is replaced by the next one.
+    AdapterErrors; a worker that dies, or is still reading after load_timeout_s (then killed),
+    fails its load and is replaced by the next one.
     """
 
-    def __init__(self, max_workers: int) -> None:
+    def __init__(self, max_workers: int, load_timeout_s: float | None = None) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
         self._max_workers = max_workers
+        self._load_timeout_s = load_timeout_s  # None: wait as long as a read takes
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
@@ -200,7 +218,7 @@ class ProcessLoader:
     def __call__(self, name: str, path: str, arch: ArchConfig) -> AdapterWeights:
         worker = self._take()
         try:
-            return worker.load(name, path, arch, self.exchange_dir)
+            return worker.load(name, path, arch, self.exchange_dir, self._load_timeout_s)
         finally:
             with self._lock:
                 if worker.alive and not self._closed:

@@ -100,7 +100,7 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
     num_load_workers = _num_load_workers(config.adapters, device)
     loader: Loader = load_adapter
     if config.adapters.load_in_processes:
-        process_loader = ProcessLoader(num_load_workers)
+        process_loader = ProcessLoader(num_load_workers, config.adapters.load_timeout_s)
         process_loader.start()  # the worker imports torch while the model loads
         loader = process_loader
     try:

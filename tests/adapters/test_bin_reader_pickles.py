@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import tracemalloc
+import zipfile
 
 import pytest
 import torch
@@ -60,6 +62,34 @@ def test_other_opcodes_are_refused_before_unpickling(tmp_path, monkeypatch, data
 
 def test_memo_indices_below_the_bound_pass_the_scan():
     bin_reader._check_opcodes(b"\x80\x02}r\xff\xff\x0f\x00.")  # 2**20 - 1
+
+
+def test_long_runs_scan_in_little_memory_and_still_end_at_a_refused_opcode():
+    """`re` keeps a backtracking entry per repeat of an unbounded group: 1 MB of MARKs took
+    ~120 MB to scan that way."""
+    marks = b"\x80\x02" + b"(" * 1_000_000
+    tracemalloc.start()
+    try:
+        bin_reader._check_opcodes(marks + b".")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
+    with pytest.raises(NotPlainStateDict, match="opcode b'b' at byte 1000002"):
+        bin_reader._check_opcodes(marks + b"b.")
+
+
+def test_a_record_miniz_finds_elsewhere_is_refused(tmp_path):
+    """miniz looks names up without case: a deflated DATA/0 ahead of the stored data/0 is what
+    torch's reader reads, though the zip module vouches for data/0."""
+    file = str(tmp_path / "w.bin")
+    with zipfile.ZipFile(file, "w") as archive:
+        archive.writestr("archive/data.pkl", tensor_dict_pickle((4,), (1,)))
+        archive.writestr("archive/version", b"3\n")
+        archive.writestr("archive/DATA/0", bytes(range(16)), zipfile.ZIP_DEFLATED)
+        archive.writestr("archive/data/0", bytes(16))
+    with pytest.raises(NotPlainStateDict, match="not the stored entry"):
+        read_bin_state_dict(file)
 
 
 @pytest.mark.parametrize(

@@ -249,3 +249,20 @@ def test_a_worker_that_hangs_while_starting_is_killed_and_replaced(tmp_path, arc
         assert loader._workers and loader._workers[0] is not worker
     finally:
         loader.close()
+
+
+def test_a_load_past_the_timeout_fails_and_its_worker_is_replaced(tmp_path, arch):
+    loader = ProcessLoader(max_workers=1, load_timeout_s=0.5)
+    try:
+        loader.start()
+        loader.wait_until_ready()
+        (worker,) = loader._workers
+        os.kill(worker.proc.pid, signal.SIGSTOP)  # a read that never ends
+        path = good_adapter(tmp_path)
+        with pytest.raises(AdapterError, match="took longer than 0.5 s"):
+            loader("a", path, arch)
+        assert worker.proc.poll() == -signal.SIGKILL
+        assert loader._workers == []
+        assert_same_weights(loader("a", path, arch), load_adapter("a", path, arch))
+    finally:
+        loader.close()
