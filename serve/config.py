@@ -76,6 +76,10 @@ class SchedulerConfig:
             raise ValueError("max_model_len must be >= 1")
 
 
+# select() refuses timeouts from ~1e10 s; a week is more than any load should wait.
+MAX_LOAD_TIMEOUT_S = 7 * 24 * 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class AdapterPoolConfig:
     """Adapter memory. The slot shape is at least large enough for the adapters given at start-up;
@@ -110,8 +114,8 @@ class AdapterPoolConfig:
             raise ValueError("slot_memory_fraction must be in (0, 1]")
         if self.host_cache_bytes < 1 or self.max_load_workers < 1:
             raise ValueError("host_cache_bytes and max_load_workers must be >= 1")
-        if not self.load_timeout_s > 0:
-            raise ValueError("load_timeout_s must be > 0")
+        if not 0 < self.load_timeout_s <= MAX_LOAD_TIMEOUT_S:  # also refuses NaN
+            raise ValueError(f"load_timeout_s must be > 0 and <= {MAX_LOAD_TIMEOUT_S:g} seconds")
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,6 @@ import os
 import pickle
 import signal
 import sys
-import uuid
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -80,7 +79,10 @@ class PackedWeights:
     exchange_file: str | None = None
 
 
-def pack_weights(weights: AdapterWeights, exchange_dir: str | None = None) -> PackedWeights:
+def pack_weights(weights: AdapterWeights, exchange_file: str | None = None) -> PackedWeights:
+    """The weights as a skeleton plus their tensors: in exchange_file (a path the engine chose,
+    so that it can remove the file whatever becomes of this worker) or, where that cannot be
+    written or is None, as raw bytes."""
     tensors: dict[str, torch.Tensor] = {}
     for proj, site in weights.sites.items():
         tensors[f"{proj}.lora_a"] = site.lora_a
@@ -91,14 +93,13 @@ def pack_weights(weights: AdapterWeights, exchange_dir: str | None = None) -> Pa
     if weights.ffn_router is not None:
         tensors["ffn_router"] = weights.ffn_router
     kinds = {proj: site.kind for proj, site in weights.sites.items()}
-    if exchange_dir is not None:
-        path = os.path.join(exchange_dir, f"{uuid.uuid4().hex}.safetensors")
+    if exchange_file is not None:
         try:
-            save_file({key: t.contiguous() for key, t in tensors.items()}, path)
-            return PackedWeights(weights.spec, weights.files, kinds, {}, path)
+            save_file({key: t.contiguous() for key, t in tensors.items()}, exchange_file)
+            return PackedWeights(weights.spec, weights.files, kinds, {}, exchange_file)
         except (OSError, SafetensorError):  # no room, no folder: the pipe carries the bytes
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(exchange_file)
     packed = {key: PackedTensor.of(t) for key, t in tensors.items()}
     return PackedWeights(weights.spec, weights.files, kinds, packed)
 
@@ -131,12 +132,12 @@ def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
     replies.flush()
     while True:
         try:
-            name, path, arch, exchange_dir = pickle.load(requests)
+            name, path, arch, exchange_file = pickle.load(requests)
         except EOFError:
             return
         try:
             weights = load_adapter(name, path, arch)
-            reply: tuple[bool, Any] = (True, pack_weights(weights, exchange_dir))
+            reply: tuple[bool, Any] = (True, pack_weights(weights, exchange_file))
         except AdapterError as exc:
             reply = (False, exc)
         except Exception as exc:  # noqa: BLE001 - any failure fails this adapter only

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import uuid
 import weakref
 
 from safetensors import SafetensorError
@@ -77,31 +78,51 @@ class _Worker:
         exchange_dir: str | None,
         timeout_s: float | None = None,
     ) -> AdapterWeights:
+        """One load; timeout_s bounds the worker's start (if it has not replied READY yet) and,
+        separately, the time until its reply starts (reading, validating, stacking, writing the
+        exchange file). A worker that misses either is killed and the load fails."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        exchange_file = (
+            None
+            if exchange_dir is None
+            else os.path.join(exchange_dir, f"{uuid.uuid4().hex}.safetensors")
+        )
         try:
-            self.await_ready()
-            pickle.dump((name, path, arch, exchange_dir), self.proc.stdin, pickle.HIGHEST_PROTOCOL)
+            self.await_ready(timeout_s)
+            pickle.dump((name, path, arch, exchange_file), self.proc.stdin, pickle.HIGHEST_PROTOCOL)
             self.proc.stdin.flush()
             if timeout_s is not None and not self._replies_within(timeout_s):
-                self.proc.kill()
-                self.close()
-                raise AdapterError(
-                    name,
-                    f"reading the adapter took longer than {timeout_s:g} s; its load worker "
-                    "was stopped",
-                )
+                raise TimeoutError(f"no reply in {timeout_s:g} s")
             ok, value = pickle.load(self.proc.stdout)
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
+            self._stop(exchange_file)
+            raise AdapterError(
+                name, f"the adapter load worker was killed: {exc} (load_timeout_s)"
+            ) from exc
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
-            self.close()
+            self._stop(exchange_file)
             raise AdapterError(
                 name, f"the adapter load worker died ({exc!r}, exit code {self.proc.poll()})"
             ) from exc
+        except BaseException:
+            # Anything else once the request may be out (Ctrl-C): its reply would be taken for
+            # the next request's.
+            self._stop(exchange_file)
+            raise
         if not ok:
             raise value
         try:
             return unpack_weights(value)
         except (OSError, SafetensorError) as exc:  # its exchange file is gone or unreadable
             raise AdapterError(name, f"the load worker's tensors are unreadable ({exc})") from exc
+
+    def _stop(self, exchange_file: str | None) -> None:
+        """Kill the worker mid-load and remove what it may have written for it."""
+        self.proc.kill()
+        self.close()
+        if exchange_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(exchange_file)
 
     @property
     def alive(self) -> bool:
@@ -212,8 +233,11 @@ class ProcessLoader:
             try:
                 return self._idle.get(timeout=0.5)
             except queue.Empty:
-                if self._closed:
-                    raise RuntimeError("the adapter loader is closed") from None
+                with self._lock:
+                    if self._closed:
+                        raise RuntimeError("the adapter loader is closed") from None
+                    if len(self._workers) < self._max_workers:  # one was killed or died
+                        return self._spawn()
 
     def __call__(self, name: str, path: str, arch: ArchConfig) -> AdapterWeights:
         worker = self._take()

@@ -10,6 +10,7 @@ import torch
 from support.state_dicts import MakesAFolder, mixed_state_dict, recompressed
 
 from mixserve.adapters import AdapterFileError
+from mixserve.adapters.bin_reader import NotPlainStateDict, read_bin_state_dict
 from mixserve.adapters.files import read_weights
 
 
@@ -57,11 +58,23 @@ def test_a_torchscript_archive_is_refused_without_loading_it(tmp_path, monkeypat
     assert calls == []
 
 
-def test_a_compressed_archive_reads_right(tmp_path):
+def test_a_compressed_archive_reads_right(tmp_path, monkeypatch):
     """Its records are deflated: the fast reader refuses it and torch reads it unmapped."""
     file = str(tmp_path / "w.bin")
     want = mixed_state_dict()
     torch.save(want, file)
-    got = read_weights("x", recompressed(file, str(tmp_path / "deflated.bin")))
+    deflated = recompressed(file, str(tmp_path / "deflated.bin"))
+    with pytest.raises(NotPlainStateDict):
+        read_bin_state_dict(deflated)
+    torch_load = torch.load
+    calls: list[dict] = []
+
+    def recording_load(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return torch_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    got = read_weights("x", deflated)
+    assert len(calls) == 1 and not calls[0].get("mmap")
     for key, tensor in want.items():
         assert torch.equal(got[key], tensor), key

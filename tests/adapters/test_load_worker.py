@@ -3,10 +3,12 @@ same typed errors as an in-process load_adapter, and a dead worker fails only it
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import os
 import pickle
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -24,7 +26,7 @@ from mixserve.adapters import (
 )
 from mixserve.adapters.errors import BaseModelMismatchError
 from mixserve.adapters.load_worker import pack_weights, unpack_weights
-from mixserve.adapters.process_loader import ProcessLoader
+from mixserve.adapters.process_loader import ProcessLoader, _Worker
 
 
 class RefusedObject:
@@ -67,7 +69,8 @@ def test_pack_and_unpack_keep_every_tensor(tmp_path, arch, through):
     folder = {"pipe": None, "exchange_file": tmp_path / "x", "missing_folder": tmp_path / "gone"}
     if through == "exchange_file":
         folder[through].mkdir()
-    packed = pickle.loads(pickle.dumps(pack_weights(weights, folder[through])))
+    file = None if folder[through] is None else str(folder[through] / "w.safetensors")
+    packed = pickle.loads(pickle.dumps(pack_weights(weights, file)))
     # Without a folder that takes the file, the bytes travel in the pickle.
     assert (packed.exchange_file is not None) == (through == "exchange_file")
     assert bool(packed.tensors) == (through != "exchange_file")
@@ -234,12 +237,21 @@ def test_a_worker_that_dies_while_starting_is_dropped_and_replaced(tmp_path, arc
         loader.close()
 
 
+def _stopped_worker(loader: ProcessLoader, *, ready: bool) -> _Worker:
+    """The loader's one worker, started (and READY, if asked) and then stopped: it never
+    replies again."""
+    loader.start()
+    if ready:
+        loader.wait_until_ready()
+    (worker,) = loader._workers
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    return worker
+
+
 def test_a_worker_that_hangs_while_starting_is_killed_and_replaced(tmp_path, arch, caplog):
     loader = ProcessLoader(max_workers=1)
     try:
-        loader.start()
-        (worker,) = loader._workers
-        os.kill(worker.proc.pid, signal.SIGSTOP)  # stopped long before its imports are done
+        worker = _stopped_worker(loader, ready=False)
         loader.wait_until_ready(timeout_s=0.5)
         assert "hung while starting" in caplog.text
         assert loader._workers == []
@@ -254,15 +266,69 @@ def test_a_worker_that_hangs_while_starting_is_killed_and_replaced(tmp_path, arc
 def test_a_load_past_the_timeout_fails_and_its_worker_is_replaced(tmp_path, arch):
     loader = ProcessLoader(max_workers=1, load_timeout_s=0.5)
     try:
-        loader.start()
-        loader.wait_until_ready()
-        (worker,) = loader._workers
-        os.kill(worker.proc.pid, signal.SIGSTOP)  # a read that never ends
+        worker = _stopped_worker(loader, ready=True)  # a read that never ends
         path = good_adapter(tmp_path)
-        with pytest.raises(AdapterError, match="took longer than 0.5 s"):
+        with pytest.raises(AdapterError, match="killed: no reply in 0.5 s"):
             loader("a", path, arch)
         assert worker.proc.poll() == -signal.SIGKILL
         assert loader._workers == []
+        loader._load_timeout_s = 120  # the replacement's start takes seconds
         assert_same_weights(loader("a", path, arch), load_adapter("a", path, arch))
     finally:
         loader.close()
+
+
+def test_a_timed_out_load_removes_the_file_its_worker_wrote(tmp_path, arch, monkeypatch):
+    """The reply is late though the exchange file is written: the engine named that file, so
+    it removes it."""
+    loader = ProcessLoader(max_workers=1, load_timeout_s=30)
+    folder = loader.exchange_dir
+    assert folder is not None
+
+    def file_written_but_no_reply(worker: _Worker, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not os.listdir(folder) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.listdir(folder), "the worker wrote no exchange file"
+        return False
+
+    try:
+        loader.start()
+        loader.wait_until_ready()  # the patch below is for the load's reply only
+        monkeypatch.setattr(_Worker, "_replies_within", file_written_but_no_reply)
+        with pytest.raises(AdapterError, match="killed: no reply in 30 s"):
+            loader("a", good_adapter(tmp_path), arch)
+        assert os.listdir(folder) == []
+    finally:
+        loader.close()
+
+
+def test_a_worker_that_never_starts_fails_the_load_within_the_timeout(tmp_path, arch):
+    loader = ProcessLoader(max_workers=1, load_timeout_s=0.5)
+    try:
+        worker = _stopped_worker(loader, ready=False)
+        with pytest.raises(AdapterError, match="killed: no reply in 0.5 s"):
+            loader("a", good_adapter(tmp_path), arch)
+        assert worker.proc.poll() == -signal.SIGKILL
+        assert loader._workers == []
+    finally:
+        loader.close()
+
+
+def test_a_load_waiting_for_a_busy_worker_gets_its_replacement(tmp_path, arch):
+    """max_workers=1: the one worker hangs and is killed; the load that waited for it starts
+    the next worker instead of waiting for an idle one that never comes."""
+    loader = ProcessLoader(max_workers=1, load_timeout_s=15.0)  # > a worker's start
+    path = good_adapter(tmp_path)
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    try:
+        _stopped_worker(loader, ready=True)
+        hung = pool.submit(loader, "a", path, arch)
+        time.sleep(0.2)  # the second load now waits in _take
+        waiting = pool.submit(loader, "a", path, arch)
+        with pytest.raises(AdapterError, match="killed"):
+            hung.result(timeout=60)
+        assert_same_weights(waiting.result(timeout=60), load_adapter("a", path, arch))
+    finally:
+        loader.close()  # a load still waiting in _take gives up within 0.5 s
+        pool.shutdown()
