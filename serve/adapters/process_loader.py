@@ -27,11 +27,6 @@ from mixserve.model.arch import ArchConfig
 
 logger = logging.getLogger(__name__)
 
-# How long build_engine waits for a worker's READY (~2 s on 2 vCPUs; a loaded machine or a slow
-# filesystem may take many times that) before it kills the worker: a hung import must not
-# keep the engine from starting.
-READY_TIMEOUT_S = 120.0
-
 
 class _Worker:
     """One child process; used by one load thread at a time."""
@@ -95,19 +90,19 @@ class _Worker:
                 raise TimeoutError(f"no reply in {timeout_s:g} s")
             ok, value = pickle.load(self.proc.stdout)
         except TimeoutError as exc:  # before OSError: TimeoutError is one
-            self._stop(exchange_file)
+            self.kill(exchange_file)
             raise AdapterError(
                 name, f"the adapter load worker was killed: {exc} (load_timeout_s)"
             ) from exc
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
-            self._stop(exchange_file)
+            self.kill(exchange_file)
             raise AdapterError(
                 name, f"the adapter load worker died ({exc!r}, exit code {self.proc.poll()})"
             ) from exc
         except BaseException:
             # Anything else once the request may be out (Ctrl-C): its reply would be taken for
             # the next request's.
-            self._stop(exchange_file)
+            self.kill(exchange_file)
             raise
         if not ok:
             raise value
@@ -116,8 +111,8 @@ class _Worker:
         except (OSError, SafetensorError) as exc:  # its exchange file is gone or unreadable
             raise AdapterError(name, f"the load worker's tensors are unreadable ({exc})") from exc
 
-    def _stop(self, exchange_file: str | None) -> None:
-        """Kill the worker mid-load and remove what it may have written for it."""
+    def kill(self, exchange_file: str | None = None) -> None:
+        """Kill the worker (hung or mid-load) and remove what it may have written for a load."""
         self.proc.kill()
         self.close()
         if exchange_file is not None:
@@ -172,21 +167,21 @@ class ProcessLoader:
             if not self._workers and not self._closed:
                 self._idle.put(self._spawn())
 
-    def wait_until_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+    def wait_until_ready(self, timeout_s: float | None = None) -> None:
         """Block until the worker start() began has imported torch and the loader (~2 s from
         its spawn on 2 vCPUs), so the first load takes a load's time, not an import's too. A
-        worker that died meanwhile, or has not replied within timeout_s, is dropped with an
-        error logged: the next load starts another and fails with the reason if that one dies
-        too."""
+        worker that died meanwhile, or has not replied within timeout_s (default: the load
+        timeout, which also bounds a start during a load), is dropped with an error logged:
+        the next load starts another and fails with the reason if that one dies too."""
         try:
             worker = self._idle.get_nowait()
         except queue.Empty:
             return  # not started, closed, or already lent to a load (which waits itself)
         try:
-            worker.await_ready(timeout_s)
+            worker.await_ready(self._load_timeout_s if timeout_s is None else timeout_s)
         except TimeoutError as exc:
             logger.error("the adapter load worker hung while starting: %s; killed", exc)
-            worker.proc.kill()
+            worker.kill()
             self._drop(worker)
             return
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
@@ -221,23 +216,19 @@ class ProcessLoader:
         return worker
 
     def _take(self) -> _Worker:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the adapter loader is closed")
-            try:
-                return self._idle.get_nowait()
-            except queue.Empty:
-                if len(self._workers) < self._max_workers:
-                    return self._spawn()
-        while True:  # every worker is busy: wait for one, unless the loader closes meanwhile
-            try:
-                return self._idle.get(timeout=0.5)
-            except queue.Empty:
-                with self._lock:
-                    if self._closed:
-                        raise RuntimeError("the adapter loader is closed") from None
-                    if len(self._workers) < self._max_workers:  # one was killed or died
+        """An idle worker, else a new one while fewer than max_workers exist (also after one
+        was killed or died while this load waited), else wait for one to come back."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the adapter loader is closed")
+                try:
+                    return self._idle.get_nowait()
+                except queue.Empty:
+                    if len(self._workers) < self._max_workers:
                         return self._spawn()
+            with contextlib.suppress(queue.Empty):  # re-check closing and counts each 0.5 s
+                return self._idle.get(timeout=0.5)
 
     def __call__(self, name: str, path: str, arch: ArchConfig) -> AdapterWeights:
         worker = self._take()
@@ -245,15 +236,11 @@ class ProcessLoader:
             return worker.load(name, path, arch, self.exchange_dir, self._load_timeout_s)
         finally:
             with self._lock:
-                if worker.alive and not self._closed:
+                keep = worker.alive and not self._closed
+                if keep:
                     self._idle.put(worker)
-                else:
-                    if worker in self._workers:
-                        self._workers.remove(worker)
-                    if self._closed:
-                        worker.close()
-                        if not self._workers:
-                            self._finalizer()
+            if not keep:
+                self._drop(worker)
 
     def close(self) -> None:
         """Stop the idle workers; a busy one stops when its load returns."""

@@ -242,7 +242,7 @@ def _stopped_worker(loader: ProcessLoader, *, ready: bool) -> _Worker:
     replies again."""
     loader.start()
     if ready:
-        loader.wait_until_ready()
+        loader.wait_until_ready(timeout_s=120)  # its start is not what the test times out
     (worker,) = loader._workers
     os.kill(worker.proc.pid, signal.SIGSTOP)
     return worker
