@@ -104,10 +104,26 @@ def pack_weights(weights: AdapterWeights, exchange_file: str | None = None) -> P
     return PackedWeights(weights.spec, weights.files, kinds, packed)
 
 
+# Free space an exchange folder's filesystem keeps for other loads and processes: below it,
+# unpacked tensors are copied out of their file instead of keeping it mapped.
+MIN_FREE_SHARED_BYTES = 1 << 30
+
+
+def _room_to_keep_mapped(exchange_file: str) -> bool:
+    stats = os.statvfs(os.path.dirname(exchange_file))
+    return stats.f_bavail * stats.f_frsize >= MIN_FREE_SHARED_BYTES
+
+
 def unpack_weights(packed: PackedWeights) -> AdapterWeights:
     if packed.exchange_file is not None:
         try:
             tensors = load_file(packed.exchange_file)
+            # Mapped, the tensors keep the removed file's shared-memory pages for as long as
+            # the adapter stays in the host tier (on CUDA, pinning copies them anyway). That
+            # saves a copy where /dev/shm has room; in a small one (Docker's default: 64 MiB)
+            # the host tier would fill it and every later load would take the slower pipe.
+            if not _room_to_keep_mapped(packed.exchange_file):
+                tensors = {key: tensor.clone() for key, tensor in tensors.items()}
         finally:
             os.unlink(packed.exchange_file)
     else:

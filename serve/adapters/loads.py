@@ -161,10 +161,12 @@ class LoadQueue:
         return bool(done)
 
     def close(self) -> None:
-        """Cancel queued loads, let running ones finish, stop the workers (and the loader's
-        own worker processes, if it has any)."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        self._pending.clear()
+        """Cancel queued loads and stop the workers. A loader with worker processes
+        (ProcessLoader) is closed first, which fails its running loads at once; in-process
+        loads are let finish."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
         close_loader = getattr(self._loader, "close", None)  # ProcessLoader
         if close_loader is not None:
             close_loader()
+        self._executor.shutdown(wait=True)
+        self._pending.clear()

@@ -320,7 +320,8 @@ class AdapterPager:
         )
 
     def close(self) -> None:
-        """Stop the workers (queued loads are cancelled, running ones finish)."""
+        """Stop the workers: queued loads are cancelled, running ones in worker processes
+        fail at once (in-process ones finish)."""
         self._loads.close()
 
     def __enter__(self) -> AdapterPager:

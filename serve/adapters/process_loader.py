@@ -243,7 +243,9 @@ class ProcessLoader:
                 self._drop(worker)
 
     def close(self) -> None:
-        """Stop the idle workers; a busy one stops when its load returns."""
+        """Stop the idle workers and kill the busy ones: their loads fail at once, instead of
+        shutdown waiting up to load_timeout_s on a hung read. A killed worker's load thread
+        drops it (and the last one removes the exchange folder)."""
         with self._lock:
             self._closed = True
             idle = []
@@ -254,9 +256,15 @@ class ProcessLoader:
                     break
             for worker in idle:
                 self._workers.remove(worker)
+            busy = list(self._workers)
+        for worker in busy:
+            # Only the signal: the load thread owns the pipes (closing one under its read is
+            # unsafe) and sees EOF.
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.kill()
         for worker in idle:
             worker.close()
-        if not self._workers:  # else the last busy load's finalizer removes the folder
+        if not busy:  # else the last busy load's _drop removes the folder
             self._finalizer()
 
 

@@ -3,30 +3,29 @@ same typed errors as an in-process load_adapter, and a dead worker fails only it
 
 from __future__ import annotations
 
-import concurrent.futures
 import gc
 import os
 import pickle
 import signal
-import time
 from collections.abc import Iterator
 
 import pytest
 import torch
 from support.bad_adapters import edit_weights, good_adapter, save_raw
+from support.load_workers import assert_same_weights
 from support.pager_helpers import MakePager, settle, write
 
 from mixserve.adapters import (
     AdapterError,
     AdapterFileError,
     AdapterValueError,
-    AdapterWeights,
     MissingTensorError,
     load_adapter,
+    load_worker,
 )
 from mixserve.adapters.errors import BaseModelMismatchError
 from mixserve.adapters.load_worker import pack_weights, unpack_weights
-from mixserve.adapters.process_loader import ProcessLoader, _Worker
+from mixserve.adapters.process_loader import ProcessLoader
 
 
 class RefusedObject:
@@ -39,22 +38,6 @@ def process_loader() -> Iterator[ProcessLoader]:
     loader.start()
     yield loader
     loader.close()
-
-
-def assert_same_weights(got: AdapterWeights, want: AdapterWeights) -> None:
-    assert got.spec == want.spec and got.files == want.files
-    assert got.sites.keys() == want.sites.keys()
-    for proj, site in want.sites.items():
-        other = got.sites[proj]
-        assert other.kind == site.kind, proj
-        for field in ("lora_a", "lora_b", "scale", "router"):
-            a, b = getattr(other, field), getattr(site, field)
-            assert (a is None) == (b is None), (proj, field)
-            if b is not None:
-                assert a.shape == b.shape and torch.equal(a, b), (proj, field)
-    assert (got.ffn_router is None) == (want.ffn_router is None)
-    if want.ffn_router is not None:
-        assert torch.equal(got.ffn_router, want.ffn_router)
 
 
 @pytest.mark.parametrize("strategy", ["mixlora", "dynmole", "mola", None])
@@ -77,6 +60,23 @@ def test_pack_and_unpack_keep_every_tensor(tmp_path, arch, through):
     assert_same_weights(unpack_weights(packed), weights)
     if through == "exchange_file":
         assert not any(folder[through].iterdir())  # unpacking removes the file
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+@pytest.mark.parametrize("room", [True, False])
+def test_unpacked_tensors_keep_their_file_mapped_only_with_room_to_spare(
+    tmp_path, arch, monkeypatch, room
+):
+    # Mapped, a host-tier adapter holds its file's shared-memory pages: a 64 MiB /dev/shm
+    # (Docker's default) would fill after two adapters.
+    monkeypatch.setattr(load_worker, "MIN_FREE_SHARED_BYTES", 0 if room else 1 << 62)
+    weights = load_adapter("a", write(tmp_path, "a", "mixlora", seed=1), arch)
+    file = str(tmp_path / "w.safetensors")
+    unpacked = unpack_weights(pack_weights(weights, file))
+    gc.collect()  # the mapping of the copied-out dict is dropped
+    with open("/proc/self/maps") as maps:
+        assert (file in maps.read()) == room
+    assert_same_weights(unpacked, weights)
 
 
 def test_loads_leave_no_files_and_close_removes_the_exchange_folder(tmp_path, arch):
@@ -235,100 +235,3 @@ def test_a_worker_that_dies_while_starting_is_dropped_and_replaced(tmp_path, arc
         assert loader._workers and loader._workers[0] is not worker
     finally:
         loader.close()
-
-
-def _stopped_worker(loader: ProcessLoader, *, ready: bool) -> _Worker:
-    """The loader's one worker, started (and READY, if asked) and then stopped: it never
-    replies again."""
-    loader.start()
-    if ready:
-        loader.wait_until_ready(timeout_s=120)  # its start is not what the test times out
-    (worker,) = loader._workers
-    os.kill(worker.proc.pid, signal.SIGSTOP)
-    return worker
-
-
-def test_a_worker_that_hangs_while_starting_is_killed_and_replaced(tmp_path, arch, caplog):
-    loader = ProcessLoader(max_workers=1)
-    try:
-        worker = _stopped_worker(loader, ready=False)
-        loader.wait_until_ready(timeout_s=0.5)
-        assert "hung while starting" in caplog.text
-        assert loader._workers == []
-        assert worker.proc.poll() == -signal.SIGKILL
-        path = good_adapter(tmp_path)
-        assert_same_weights(loader("a", path, arch), load_adapter("a", path, arch))
-        assert loader._workers and loader._workers[0] is not worker
-    finally:
-        loader.close()
-
-
-def test_a_load_past_the_timeout_fails_and_its_worker_is_replaced(tmp_path, arch):
-    loader = ProcessLoader(max_workers=1, load_timeout_s=0.5)
-    try:
-        worker = _stopped_worker(loader, ready=True)  # a read that never ends
-        path = good_adapter(tmp_path)
-        with pytest.raises(AdapterError, match="killed: no reply in 0.5 s"):
-            loader("a", path, arch)
-        assert worker.proc.poll() == -signal.SIGKILL
-        assert loader._workers == []
-        loader._load_timeout_s = 120  # the replacement's start takes seconds
-        assert_same_weights(loader("a", path, arch), load_adapter("a", path, arch))
-    finally:
-        loader.close()
-
-
-def test_a_timed_out_load_removes_the_file_its_worker_wrote(tmp_path, arch, monkeypatch):
-    """The reply is late though the exchange file is written: the engine named that file, so
-    it removes it."""
-    loader = ProcessLoader(max_workers=1, load_timeout_s=30)
-    folder = loader.exchange_dir
-    assert folder is not None
-
-    def file_written_but_no_reply(worker: _Worker, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while not os.listdir(folder) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert os.listdir(folder), "the worker wrote no exchange file"
-        return False
-
-    try:
-        loader.start()
-        loader.wait_until_ready()  # the patch below is for the load's reply only
-        monkeypatch.setattr(_Worker, "_replies_within", file_written_but_no_reply)
-        with pytest.raises(AdapterError, match="killed: no reply in 30 s"):
-            loader("a", good_adapter(tmp_path), arch)
-        assert os.listdir(folder) == []
-    finally:
-        loader.close()
-
-
-def test_a_worker_that_never_starts_fails_the_load_within_the_timeout(tmp_path, arch):
-    loader = ProcessLoader(max_workers=1, load_timeout_s=0.5)
-    try:
-        worker = _stopped_worker(loader, ready=False)
-        with pytest.raises(AdapterError, match="killed: no reply in 0.5 s"):
-            loader("a", good_adapter(tmp_path), arch)
-        assert worker.proc.poll() == -signal.SIGKILL
-        assert loader._workers == []
-    finally:
-        loader.close()
-
-
-def test_a_load_waiting_for_a_busy_worker_gets_its_replacement(tmp_path, arch):
-    """max_workers=1: the one worker hangs and is killed; the load that waited for it starts
-    the next worker instead of waiting for an idle one that never comes."""
-    loader = ProcessLoader(max_workers=1, load_timeout_s=15.0)  # > a worker's start
-    path = good_adapter(tmp_path)
-    pool = concurrent.futures.ThreadPoolExecutor(2)
-    try:
-        _stopped_worker(loader, ready=True)
-        hung = pool.submit(loader, "a", path, arch)
-        time.sleep(0.2)  # the second load now waits in _take
-        waiting = pool.submit(loader, "a", path, arch)
-        with pytest.raises(AdapterError, match="killed"):
-            hung.result(timeout=60)
-        assert_same_weights(waiting.result(timeout=60), load_adapter("a", path, arch))
-    finally:
-        loader.close()  # a load still waiting in _take gives up within 0.5 s
-        pool.shutdown()
