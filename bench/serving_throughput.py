@@ -59,6 +59,27 @@ def _workload(num_requests: int, num_adapters: int, seed: int = 0) -> dict:
     }
 
 
+def write_bench_adapters(folder: str, dims: BaseDims, num_adapters: int) -> dict[str, str]:
+    """The bench's MixLoRA adapters (E=4, top-2, r=8, all 7 targets: ~28 MB fp32 each), by name."""
+    adapter_dirs = {
+        f"a{i}": write_adapter(
+            os.path.join(folder, f"a{i}"),
+            dims,
+            "mixlora",
+            r=8,
+            num_experts=4,
+            seed=i,
+            delta_scale=0.1,
+            router_scale=1.0,
+        )
+        for i in range(num_adapters)
+    }
+    # The adapters' ~2.8 GB are still being written back to disk: finish that first, or the
+    # first timings share the disk and CPU with it.
+    os.sync()
+    return adapter_dirs
+
+
 def _throughput(
     llm: mixserve.LLM, prompts: list[list[int]], adapters: list[str | None], params: SamplingParams
 ) -> tuple[float, int]:
@@ -248,22 +269,7 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     work = _workload(args.requests, args.adapters)
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_dirs = {
-            f"a{i}": write_adapter(
-                os.path.join(tmp, f"a{i}"),
-                dims,
-                "mixlora",
-                r=8,
-                num_experts=4,
-                seed=i,
-                delta_scale=0.1,
-                router_scale=1.0,
-            )
-            for i in range(args.adapters)
-        }
-        # The adapters' ~2.8 GB are still being written back to disk: finish that first, or
-        # the first timings share the disk and CPU with it.
-        os.sync()
+        adapter_dirs = write_bench_adapters(tmp, dims, args.adapters)
         results = {"load_time": bench_load_time(model_dir, adapter_dirs["a0"], device)}
         per_round = [
             bench_mixserve(model_dir, adapter_dirs, work, params, args.slots, device, args.warm)

@@ -1,0 +1,165 @@
+"""Where a serving run's time goes, step by step: serving_throughput's workload (256 requests,
+100 MixLoRA adapters, 32 slots) with every engine step timed.
+
+Per variant it reports the wall time, and the steps split into prefill steps (any prompt token)
+and decode-only steps, and separately the steps that started while an adapter load was running
+(on CPU such a step gives one torch thread to the load worker). Variants:
+  base          — no adapters;
+  uniform, zipf — adapters registered, each read from disk on first use (serving_throughput's);
+  uniform_warm, zipf_warm — every adapter in the host tier before the run.
+
+    python bench/serving_steps.py [--variants base,uniform,uniform_warm] [--requests 256]
+        [--adapters 100] [--max-tokens 32] [--slots 32] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from machine import describe  # noqa: E402 - bench/, the script's folder
+from serving_throughput import _workload, write_bench_adapters  # noqa: E402
+from support.adapter_files import BaseDims  # noqa: E402
+
+import mixserve  # noqa: E402
+from mixserve.model.default_model import default_model_dir  # noqa: E402
+from mixserve.types import SamplingParams, SchedulerOutput  # noqa: E402
+
+VARIANTS = ("base", "uniform", "zipf", "uniform_warm", "zipf_warm")
+
+
+@dataclass(frozen=True, slots=True)
+class StepTime:
+    num_prompt_tokens: int  # prompt positions computed in the step
+    num_sequences: int
+    num_adapters: int
+    num_loads_running: int  # when the step started
+    seconds: float
+
+
+def _prompt_tokens(plan: SchedulerOutput) -> int:
+    total = 0
+    for entry in plan.sequences:
+        start, prompt_len = entry.num_computed_tokens, len(entry.prompt_token_ids)
+        end = start + len(entry.token_ids)
+        total += max(0, min(end, prompt_len) - min(start, prompt_len))
+    return total
+
+
+def _timed_run(llm: mixserve.LLM, work: dict, adapters: list, params: SamplingParams) -> dict:
+    engine = llm.engine
+    steps: list[StepTime] = []
+    execute = engine._execute
+
+    def timed_execute(plan: SchedulerOutput):
+        loads = engine.pager.num_loads_running if engine.pager is not None else 0
+        start = time.perf_counter()
+        deltas = execute(plan)
+        seconds = time.perf_counter() - start
+        num_adapters = len({s.adapter for s in plan.sequences if s.adapter is not None})
+        steps.append(
+            StepTime(_prompt_tokens(plan), len(plan.sequences), num_adapters, loads, seconds)
+        )
+        return deltas
+
+    engine._execute = timed_execute  # this engine only
+    start = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=work["prompts"], sampling_params=params, adapter=adapters)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outs)
+
+    def split(selected: list[StepTime]) -> dict:
+        return {"steps": len(selected), "seconds": sum(s.seconds for s in selected)}
+
+    decode = [s for s in steps if s.num_prompt_tokens == 0]
+    return {
+        "tokens": tokens,
+        "wall_seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "prefill": split([s for s in steps if s.num_prompt_tokens]),
+        "decode": split(decode),
+        "with_loads": split([s for s in steps if s.num_loads_running]),
+        "decode_median_seconds": statistics.median(s.seconds for s in decode) if decode else 0,
+        "decode_mean_sequences": statistics.mean(s.num_sequences for s in decode) if decode else 0,
+        "steps": [asdict(s) for s in steps],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--adapters", type=int, default=100)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "serving_steps.json")
+    )
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    model_dir = default_model_dir()
+    from transformers import AutoConfig
+
+    dims = BaseDims.of(AutoConfig.from_pretrained(model_dir))
+    work = _workload(args.requests, args.adapters)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dirs = write_bench_adapters(tmp, dims, args.adapters)
+        for variant in variants:
+            popularity = variant.removesuffix("_warm")
+            options: dict = {"max_num_seqs": 64, "max_num_batched_tokens": 1024}
+            if variant != "base":
+                options.update(max_lora_rank=8, max_experts=4, num_adapter_slots=args.slots)
+            if variant.endswith("_warm"):
+                options["adapters"] = adapter_dirs
+            llm = mixserve.LLM(model_dir, **options)
+            if variant in ("uniform", "zipf"):
+                for name, path in adapter_dirs.items():
+                    llm.engine.pager.add_source(name, path)
+            adapters = [None] * len(work["prompts"]) if variant == "base" else work[popularity]
+            results[variant] = _timed_run(llm, work, adapters, params)
+            del llm
+    header = f"{'variant':<14}{'tok/s':>7}{'wall s':>8}  prefill steps/s  decode steps/s"
+    lines = [header + "  (median, mean seqs)  steps with a load running"]
+    for variant, r in results.items():
+        p, d, w = r["prefill"], r["decode"], r["with_loads"]
+        lines.append(
+            f"{variant:<14}{r['tokens_per_s']:>7.1f}{r['wall_seconds']:>8.1f}"
+            f"  {p['steps']:>5} {p['seconds']:>6.1f}   {d['steps']:>5} {d['seconds']:>6.1f}"
+            f"  ({r['decode_median_seconds']:.3f}, {r['decode_mean_sequences']:.1f})"
+            f"  {w['steps']:>5} {w['seconds']:>6.1f}"
+        )
+    sys.stdout.write("\n".join(lines) + "\n")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": describe(),
+                "command": "python bench/serving_steps.py " + " ".join(sys.argv[1:]),
+                "results": results,
+            },
+            f,
+            indent=2,
+        )
+    sys.stdout.write(f"wrote {args.out}\n")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
