@@ -13,18 +13,16 @@ fp32, 990 tensors). Variants, each the median of --repeats runs after one warm-u
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from machine import describe  # noqa: E402 - bench/, the script's folder
+from machine import write_record  # noqa: E402 - bench/, the script's folder
 from model_step import _median_seconds  # noqa: E402 - the benches' one timing helper
 from support.adapter_files import BaseDims, write_adapter  # noqa: E402
 
@@ -85,19 +83,7 @@ def main() -> None:
     lines = [f"adapter: {size_mb:.1f} MB .bin", f"{'variant':<34}{'ms':>8}"]
     lines += [f"{name:<34}{ms:>8.1f}" for name, ms in results.items()]
     sys.stdout.write("\n".join(lines) + "\n")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": describe(),
-                "command": "python bench/adapter_load.py " + " ".join(sys.argv[1:]),
-                "file_mb": size_mb,
-                "median_ms": results,
-            },
-            f,
-            indent=2,
-        )
+    write_record(args.out, {"file_mb": size_mb, "median_ms": results})
     sys.stdout.write(f"wrote {args.out}\n")
 
 

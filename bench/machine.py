@@ -7,8 +7,11 @@ of every result, not only the architecture and core count.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
+import time
 
 import torch
 
@@ -32,3 +35,18 @@ def describe(extra: str = "") -> str:
         f"{torch.get_num_threads()} threads"
     )
     return f"{line}, {extra}" if extra else line
+
+
+def write_record(out_path: str, fields: dict, machine_extra: str = "") -> None:
+    """Write a bench run's JSON record (its date, machine and command line as run, then fields)
+    to out_path, and say where."""
+    record = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": describe(machine_extra),
+        "command": f"python bench/{os.path.basename(sys.argv[0])} " + " ".join(sys.argv[1:]),
+        **fields,
+    }
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(record, f, indent=2)
+    sys.stdout.write(f"wrote {out_path}\n")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import statistics
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from machine import describe  # noqa: E402 - bench/, the script's folder
+from machine import write_record  # noqa: E402 - bench/, the script's folder
 from support.adapter_files import BaseDims, write_adapter  # noqa: E402
 from support.reference_mixlora import inject_mixlora  # noqa: E402
 
@@ -265,16 +264,7 @@ def main() -> None:
             f"{r['decode'] * 1e3:>16.1f}{decode_x:>8.2f}"
         )
     sys.stdout.write("\n".join(lines) + "\n")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    record = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": describe(),
-        "command": "python bench/model_step.py " + " ".join(sys.argv[1:]),
-        "results_seconds": results,
-    }
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    sys.stdout.write(f"wrote {args.out}\n")
+    write_record(args.out, {"results_seconds": results})
 
 
 def _hf_config(model_dir: str) -> object:

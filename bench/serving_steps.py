@@ -15,7 +15,6 @@ and decode-only steps, and separately the steps that started while an adapter lo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from machine import describe  # noqa: E402 - bench/, the script's folder
+from machine import write_record  # noqa: E402 - bench/, the script's folder
 from serving_throughput import _workload, write_bench_adapters  # noqa: E402
 from support.adapter_files import BaseDims  # noqa: E402
 
@@ -145,19 +144,7 @@ def main() -> None:
             f"  {w['steps']:>5} {w['seconds']:>6.1f}"
         )
     sys.stdout.write("\n".join(lines) + "\n")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": describe(),
-                "command": "python bench/serving_steps.py " + " ".join(sys.argv[1:]),
-                "results": results,
-            },
-            f,
-            indent=2,
-        )
-    sys.stdout.write(f"wrote {args.out}\n")
+    write_record(args.out, {"results": results})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import random
 import statistics
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from machine import describe  # noqa: E402 - bench/, the script's folder
+from machine import write_record  # noqa: E402 - bench/, the script's folder
 from support.adapter_files import BaseDims, write_adapter  # noqa: E402
 from support.reference_mixlora import inject_mixlora  # noqa: E402
 
@@ -308,21 +307,11 @@ def main() -> None:
         f"{load['in_process_seconds_range'][1] * 1e3:.0f})"
     )
     sys.stdout.write("\n".join(lines) + "\n")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": describe(torch.cuda.get_device_name() if args.device == "cuda" else ""),
-                "device": args.device,
-                "dtype": args.dtype,
-                "command": "python bench/serving_throughput.py " + " ".join(sys.argv[1:]),
-                "results": results,
-            },
-            f,
-            indent=2,
-        )
-    sys.stdout.write(f"wrote {args.out}\n")
+    write_record(
+        args.out,
+        {"device": args.device, "dtype": args.dtype, "results": results},
+        torch.cuda.get_device_name() if args.device == "cuda" else "",
+    )
 
 
 if __name__ == "__main__":
