@@ -15,6 +15,7 @@ and decode-only steps, and separately the steps that started while an adapter lo
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -72,9 +73,16 @@ def _timed_run(llm: mixserve.LLM, work: dict, adapters: list, params: SamplingPa
         return deltas
 
     engine._execute = timed_execute  # this engine only
-    start = time.perf_counter()
-    outs = llm.generate(prompt_token_ids=work["prompts"], sampling_params=params, adapter=adapters)
-    wall = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        outs = llm.generate(
+            prompt_token_ids=work["prompts"], sampling_params=params, adapter=adapters
+        )
+        wall = time.perf_counter() - start
+    finally:
+        # The closure refers to the engine: left in place, the cycle would keep this variant's
+        # engine, load worker and host tier alive into the next variant's run.
+        del engine._execute
     tokens = sum(len(o.token_ids) for o in outs)
 
     def split(selected: list[StepTime]) -> dict:
@@ -133,6 +141,7 @@ def main() -> None:
             adapters = [None] * len(work["prompts"]) if variant == "base" else work[popularity]
             results[variant] = _timed_run(llm, work, adapters, params)
             del llm
+            gc.collect()  # nothing of this variant's engine runs beside the next
     header = f"{'variant':<14}{'tok/s':>7}{'wall s':>8}  prefill steps/s  decode steps/s"
     lines = [header + "  (median, mean seqs)  steps with a load running"]
     for variant, r in results.items():

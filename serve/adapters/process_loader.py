@@ -120,6 +120,11 @@ class _Worker:
                 os.unlink(exchange_file)
 
     @property
+    def ready(self) -> bool:
+        """Its READY reply has been read (its imports are done)."""
+        return self._ready
+
+    @property
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -185,11 +190,12 @@ class ProcessLoader:
             self._drop(worker)
             return
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
-            logger.error(
-                "the adapter load worker failed while starting (exit code %s): %r",
-                worker.proc.poll(),
-                exc,
-            )
+            if not self._closed:  # else close() killed it
+                logger.error(
+                    "the adapter load worker failed while starting (exit code %s): %r",
+                    worker.proc.poll(),
+                    exc,
+                )
             self._drop(worker)
             return
         except BaseException:  # e.g. Ctrl-C during the wait: the worker is not lost untracked
@@ -263,7 +269,10 @@ class ProcessLoader:
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
         for worker in idle:
-            worker.close()
+            if worker.ready:
+                worker.close()  # EOF: it exits
+            else:
+                worker.kill()  # still importing, and maybe hung there: EOF would wait on it
         if not busy:  # else the last busy load's _drop removes the folder
             self._finalizer()
 

@@ -79,6 +79,21 @@ def test_unpacked_tensors_keep_their_file_mapped_only_with_room_to_spare(
     assert_same_weights(unpacked, weights)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_an_exchange_folder_that_cannot_be_measured_gets_copies(tmp_path, arch, monkeypatch):
+    def no_statvfs(path):
+        raise OSError("statvfs failed")
+
+    monkeypatch.setattr(load_worker.os, "statvfs", no_statvfs)
+    weights = load_adapter("a", write(tmp_path, "a", "mixlora", seed=1), arch)
+    file = str(tmp_path / "w.safetensors")
+    unpacked = unpack_weights(pack_weights(weights, file))  # the read tensors are not lost
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        assert file not in maps.read()
+    assert_same_weights(unpacked, weights)
+
+
 def test_loads_leave_no_files_and_close_removes_the_exchange_folder(tmp_path, arch):
     loader = ProcessLoader(max_workers=1)
     folder = loader.exchange_dir

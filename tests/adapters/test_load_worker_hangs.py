@@ -104,6 +104,15 @@ def test_a_load_waiting_for_a_busy_worker_gets_its_replacement(tmp_path, arch):
         pool.shutdown()
 
 
+def _wait_until_lent(loader: ProcessLoader) -> None:
+    """Until a load has taken the one worker: closed before, the stopped worker would be idle,
+    and close() would end it as an idle one."""
+    deadline = time.monotonic() + 60
+    while not loader._idle.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loader._idle.empty(), "no load took the worker"
+
+
 def test_close_fails_a_hung_load_at_once(tmp_path, arch):
     """Shutdown does not wait up to load_timeout_s on a read that never ends: close() kills
     the busy worker, its load fails, and the last worker's exit removes the exchange folder."""
@@ -112,7 +121,7 @@ def test_close_fails_a_hung_load_at_once(tmp_path, arch):
     worker = stopped_worker(loader, ready=True)
     try:
         hung = pool.submit(loader, "a", good_adapter(tmp_path), arch)
-        time.sleep(0.2)  # the load now waits for the reply
+        _wait_until_lent(loader)
         start = time.monotonic()
         loader.close()
         with pytest.raises(AdapterError, match="died"):
@@ -132,9 +141,7 @@ def test_closing_the_pager_does_not_wait_for_a_hung_load(make_pager: MakePager, 
     worker = stopped_worker(loader, ready=True)
     pager.add_source("a", write(tmp_path, "a", "mixlora"))
     pager.acquire("a")
-    deadline = time.monotonic() + 60
-    while pager.num_loads_running == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_until_lent(loader)
     watchdog = threading.Timer(60, worker.proc.kill)  # without the fix, close waits for it
     watchdog.start()
     start = time.monotonic()
@@ -144,3 +151,18 @@ def test_closing_the_pager_does_not_wait_for_a_hung_load(make_pager: MakePager, 
         watchdog.cancel()
     assert time.monotonic() - start < 30
     assert worker.proc.poll() == -signal.SIGKILL
+
+
+def test_close_kills_an_idle_worker_that_is_still_starting(tmp_path, arch):
+    """A worker whose imports hang would never read the EOF that stops an idle one."""
+    loader = ProcessLoader(max_workers=1)
+    worker = stopped_worker(loader, ready=False)
+    try:
+        start = time.monotonic()
+        loader.close()
+        assert time.monotonic() - start < 20  # an EOF and a wait gave up only after 30 s
+        assert worker.proc.poll() == -signal.SIGKILL
+        assert loader._workers == []
+        assert loader.exchange_dir is None or not os.path.exists(loader.exchange_dir)
+    finally:
+        worker.proc.kill()
