@@ -21,7 +21,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 
@@ -32,47 +31,29 @@ from serving_throughput import _workload, write_bench_adapters  # noqa: E402
 from support.adapter_files import BaseDims  # noqa: E402
 
 import mixserve  # noqa: E402
+from mixserve.engine import StepReport  # noqa: E402
 from mixserve.model.default_model import default_model_dir  # noqa: E402
-from mixserve.types import SamplingParams, SchedulerOutput  # noqa: E402
+from mixserve.types import SamplingParams  # noqa: E402
 
 VARIANTS = ("base", "uniform", "zipf", "uniform_warm", "zipf_warm")
 
 
-@dataclass(frozen=True, slots=True)
-class StepTime:
-    num_prompt_tokens: int  # prompt positions computed in the step
-    num_sequences: int
-    num_adapters: int
-    num_loads_running: int  # when the step started
-    seconds: float
-
-
-def _prompt_tokens(plan: SchedulerOutput) -> int:
-    total = 0
-    for entry in plan.sequences:
-        start, prompt_len = entry.num_computed_tokens, len(entry.prompt_token_ids)
-        end = start + len(entry.token_ids)
-        total += max(0, min(end, prompt_len) - min(start, prompt_len))
-    return total
+# The StepReport fields each step's record keeps.
+STEP_FIELDS = ("num_prompt_tokens", "num_sequences", "num_adapters", "num_loads_running", "seconds")
 
 
 def _timed_run(llm: mixserve.LLM, work: dict, adapters: list, params: SamplingParams) -> dict:
     engine = llm.engine
-    steps: list[StepTime] = []
-    execute = engine._execute
+    steps: list[StepReport] = []
+    step = engine.step
 
-    def timed_execute(plan: SchedulerOutput):
-        loads = engine.pager.num_loads_running if engine.pager is not None else 0
-        start = time.perf_counter()
-        deltas = execute(plan)
-        seconds = time.perf_counter() - start
-        num_adapters = len({s.adapter for s in plan.sequences if s.adapter is not None})
-        steps.append(
-            StepTime(_prompt_tokens(plan), len(plan.sequences), num_adapters, loads, seconds)
-        )
+    def recorded_step():
+        deltas = step()
+        if engine.last_report.ran:
+            steps.append(engine.last_report)
         return deltas
 
-    engine._execute = timed_execute  # this engine only
+    engine.step = recorded_step  # this engine only
     try:
         start = time.perf_counter()
         outs = llm.generate(
@@ -82,10 +63,10 @@ def _timed_run(llm: mixserve.LLM, work: dict, adapters: list, params: SamplingPa
     finally:
         # The closure refers to the engine: left in place, the cycle would keep this variant's
         # engine, load worker and host tier alive into the next variant's run.
-        del engine._execute
+        del engine.step
     tokens = sum(len(o.token_ids) for o in outs)
 
-    def split(selected: list[StepTime]) -> dict:
+    def split(selected: list[StepReport]) -> dict:
         return {"steps": len(selected), "seconds": sum(s.seconds for s in selected)}
 
     decode = [s for s in steps if s.num_prompt_tokens == 0]
@@ -98,7 +79,7 @@ def _timed_run(llm: mixserve.LLM, work: dict, adapters: list, params: SamplingPa
         "with_loads": split([s for s in steps if s.num_loads_running]),
         "decode_median_seconds": statistics.median(s.seconds for s in decode) if decode else 0,
         "decode_mean_sequences": statistics.mean(s.num_sequences for s in decode) if decode else 0,
-        "steps": [asdict(s) for s in steps],
+        "steps": [{field: getattr(s, field) for field in STEP_FIELDS} for s in steps],
     }
 
 

@@ -53,12 +53,17 @@ class _Worker:
         if self._ready:
             return
         assert self.proc.stdout is not None
-        if timeout_s is not None and not self._replies_within(timeout_s):
-            raise TimeoutError(f"no reply in {timeout_s:g} s")
+        self._await_reply(timeout_s)
         reply = pickle.load(self.proc.stdout)
         if reply != READY:
             raise pickle.UnpicklingError(f"expected the worker's ready reply, got {reply!r}")
         self._ready = True
+
+    def _await_reply(self, timeout_s: float | None) -> None:
+        """Raises TimeoutError unless the worker's next reply starts within timeout_s (None:
+        no limit)."""
+        if timeout_s is not None and not self._replies_within(timeout_s):
+            raise TimeoutError(f"no reply in {timeout_s:g} s")
 
     def _replies_within(self, timeout_s: float) -> bool:
         """Whether the worker's next reply starts within timeout_s."""
@@ -86,8 +91,7 @@ class _Worker:
             self.await_ready(timeout_s)
             pickle.dump((name, path, arch, exchange_file), self.proc.stdin, pickle.HIGHEST_PROTOCOL)
             self.proc.stdin.flush()
-            if timeout_s is not None and not self._replies_within(timeout_s):
-                raise TimeoutError(f"no reply in {timeout_s:g} s")
+            self._await_reply(timeout_s)
             ok, value = pickle.load(self.proc.stdout)
         except TimeoutError as exc:  # before OSError: TimeoutError is one
             self.kill(exchange_file)

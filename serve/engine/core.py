@@ -7,6 +7,7 @@ LLM) calls it. Errors inside a step fail exactly the requests of that step; they
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -30,6 +31,21 @@ class StepReport:
     queue_seconds: tuple[float, ...]  # requests first scheduled in this step
     adapter_loads: tuple[tuple[str, float, bool], ...]  # (name, seconds, ok) finished loads
     expert_counts: tuple[tuple[str, tuple[int, ...]], ...]  # (adapter, per-expert decisions)
+    num_prompt_tokens: int = 0  # prompt positions the step computed (prefill chunks)
+    num_sequences: int = 0
+    num_adapters: int = 0  # distinct adapters of its sequences
+    num_loads_running: int = 0  # adapter loads running as the step started
+    seconds: float = 0.0  # slot copies and the forward (0 when nothing ran)
+
+
+def _prompt_positions(plan: SchedulerOutput) -> int:
+    """Prompt positions a plan computes (the rest of its tokens are decodes)."""
+    total = 0
+    for entry in plan.sequences:
+        start, prompt_len = entry.num_computed_tokens, len(entry.prompt_token_ids)
+        end = start + len(entry.token_ids)
+        total += max(0, min(end, prompt_len) - min(start, prompt_len))
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +127,17 @@ class EngineCore:
                 deltas += self.scheduler.fail(request_id, str(result.error))
         return deltas
 
-    def _execute(self, plan: SchedulerOutput) -> list[TokenDelta]:
-        adapters = {s.adapter for s in plan.sequences if s.adapter is not None}
+    def _execute(
+        self,
+        plan: SchedulerOutput,
+        adapters: set[str],
+        num_prompt_tokens: int,
+        num_loads_running: int,
+    ) -> list[TokenDelta]:
         try:
             # The slot copies too: with every thread while a load worker holds a CPU, their
             # OpenMP team waits on its descheduled member, as a step's would.
-            with self._cpus_for_step():
+            with self._cpus_for_step(num_loads_running):
                 slots = self.pager.prepare(adapters) if adapters and self.pager is not None else {}
                 output = self.runner.execute(plan, slots)
         except Exception as exc:  # noqa: BLE001 - any failure of a step fails its requests only
@@ -129,10 +150,7 @@ class EngineCore:
         finally:
             if self.pager is not None:
                 self.pager.unpin_all()
-        for entry in plan.sequences:  # prompt positions computed this step
-            start, prompt_len = entry.num_computed_tokens, len(entry.prompt_token_ids)
-            end = start + len(entry.token_ids)
-            self.num_prompt_tokens += max(0, min(end, prompt_len) - min(start, prompt_len))
+        self.num_prompt_tokens += num_prompt_tokens
         deltas = self.scheduler.update(plan, output)
         self.num_generated_tokens += sum(len(tokens) for tokens in output.sampled.values())
         if output.expert_counts and self.pager is not None:
@@ -142,10 +160,10 @@ class EngineCore:
                     self._expert_counts.append((names[slot], counts))
         return deltas
 
-    def _cpus_for_step(self) -> AbstractContextManager[object]:
+    def _cpus_for_step(self, num_loads_running: int) -> AbstractContextManager[object]:
         if self.cpu_threads is None or self.pager is None:
             return nullcontext()
-        return self.cpu_threads.sharing_with(self.pager.num_loads_running)
+        return self.cpu_threads.sharing_with(num_loads_running)
 
     def step(self) -> list[TokenDelta]:
         """Run one step; returns every request's new output (finished ones included)."""
@@ -153,9 +171,15 @@ class EngineCore:
         ready = self.pager.is_ready if self.pager is not None else (lambda _: True)
         plan = self.scheduler.schedule(ready)
         self.last_step_ran = bool(plan.sequences)
+        adapters = {s.adapter for s in plan.sequences if s.adapter is not None}
+        num_prompt_tokens = _prompt_positions(plan)
+        num_loads_running = self.pager.num_loads_running if self.pager is not None else 0
+        seconds = 0.0
         if plan.sequences:
             self.num_steps += 1
-            deltas += self._execute(plan)
+            start = time.perf_counter()
+            deltas += self._execute(plan, adapters, num_prompt_tokens, num_loads_running)
+            seconds = time.perf_counter() - start
         self._release_finished()
         self.last_report = StepReport(
             ran=self.last_step_ran,
@@ -163,6 +187,11 @@ class EngineCore:
             queue_seconds=tuple(self.scheduler.drain_queue_times()),
             adapter_loads=tuple(self._loads),
             expert_counts=tuple(self._expert_counts),
+            num_prompt_tokens=num_prompt_tokens,
+            num_sequences=len(plan.sequences),
+            num_adapters=len(adapters),
+            num_loads_running=num_loads_running,
+            seconds=seconds,
         )
         self._loads.clear()
         self._expert_counts.clear()

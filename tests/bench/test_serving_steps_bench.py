@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from support.bench_runs import run_bench
 
 
 @pytest.mark.smollm2
 def test_serving_steps_bench_splits_every_step(tmp_path: Path, smollm2_dir: str) -> None:
     out = tmp_path / "steps.json"
     args = ["--requests", "4", "--adapters", "2", "--max-tokens", "3", "--slots", "2"]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serving_steps.py"), *args, "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())["results"]
+    results = run_bench("serving_steps.py", args, out)[0]["results"]
     assert results.keys() == {"base", "uniform", "zipf", "uniform_warm", "zipf_warm"}
     for variant, r in results.items():
         steps = r["steps"]

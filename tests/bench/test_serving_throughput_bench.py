@@ -3,31 +3,19 @@ variants, and reports each variant's median and its per-round ratios to that rou
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from support.bench_runs import run_bench
 
 
 @pytest.mark.smollm2
 def test_serving_bench_reports_medians_of_rounds(tmp_path: Path, smollm2_dir: str) -> None:
     out = tmp_path / "serving.json"
     args = ["--requests", "4", "--adapters", "2", "--max-tokens", "2", "--rounds", "2", "--warm"]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serving_throughput.py"), *args, "--skip-package"]
-        + ["--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())["results"]
+    record, stdout = run_bench("serving_throughput.py", [*args, "--skip-package"], out)
+    results = record["results"]
     assert len(results["rounds"]) == 2
     for variant in ("base", "uniform", "zipf", "uniform_warm", "zipf_warm"):
         r = results[variant]
@@ -41,4 +29,4 @@ def test_serving_bench_reports_medians_of_rounds(tmp_path: Path, smollm2_dir: st
     # Warm runs read nothing from disk during the run; cold ones load each adapter they use.
     assert results["uniform_warm"]["disk_loads"] == 0
     assert results["uniform"]["disk_loads"] == results["uniform"]["distinct_adapters"]
-    assert "medians of 2 rounds" in proc.stdout
+    assert "medians of 2 rounds" in stdout
