@@ -1,5 +1,5 @@
 """Where a serving run's time goes, step by step: serving_throughput's workload (256 requests,
-100 MixLoRA adapters, 32 slots) with every engine step timed.
+100 MixLoRA adapters, the engine's default slots) with every engine step timed.
 
 Per variant it reports the wall time, and the steps split into prefill steps (any prompt token)
 and decode-only steps, and separately the steps that started while an adapter load was running
@@ -9,7 +9,7 @@ and decode-only steps, and separately the steps that started while an adapter lo
   uniform_warm, zipf_warm — every adapter in the host tier before the run.
 
     python bench/serving_steps.py [--variants base,uniform,uniform_warm] [--requests 256]
-        [--adapters 100] [--max-tokens 32] [--slots 32] [--out F]
+        [--adapters 100] [--max-tokens 32] [--slots N] [--out F]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=None, help="default: the engine's sizing")
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "serving_steps.json")
     )
@@ -121,6 +121,8 @@ def main() -> None:
                     llm.engine.pager.add_source(name, path)
             adapters = [None] * len(work["prompts"]) if variant == "base" else work[popularity]
             results[variant] = _timed_run(llm, work, adapters, params)
+            if llm.engine.pager is not None:
+                results[variant]["num_slots"] = llm.engine.pager.pool.num_slots
             del llm
             gc.collect()  # nothing of this variant's engine runs beside the next
     header = f"{'variant':<14}{'tok/s':>7}{'wall s':>8}  prefill steps/s  decode steps/s"

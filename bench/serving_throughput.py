@@ -7,6 +7,8 @@
              size of mixlora_spec.md's SmolLM2 example), adapter drawn uniformly per request;
   zipf     — the same 100 adapters with Zipf(1.0) popularity;
   *_warm   — with --warm, the same with every adapter in the host tier before the run.
+Adapter slots: --slots, else the engine's default sizing (64 here: max_num_seqs, within the
+2 GiB default slot budget); the count used is in the results.
 The authors' `mixlora` package (0.2.3) serves one adapter at a time: for each adapter used, a
 fresh copy of the transformers model gets it injected, and that adapter's prompts are generated
 as one left-padded batch with `generate` (greedy). Its time includes switching adapters.
@@ -113,7 +115,7 @@ def bench_mixserve(
     adapter_dirs: dict[str, str],
     work: dict,
     params: SamplingParams,
-    slots: int,
+    slots: int | None,
     device: dict[str, str],
     warm: bool = False,
 ) -> dict:
@@ -144,6 +146,7 @@ def bench_mixserve(
         seconds, tokens = _throughput(llm, work["prompts"], work[popularity], params)
         stats = llm.stats()
         results[popularity + ("_warm" if preloaded else "")] = {
+            "num_slots": llm.engine.pager.pool.num_slots,
             "seconds": seconds,
             "tokens": tokens,
             "tokens_per_s": tokens / seconds,
@@ -238,7 +241,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=None, help="default: the engine's sizing")
     parser.add_argument(
         "--rounds", type=int, default=2, help="rounds of (base, uniform, zipf) for mixserve"
     )
@@ -282,7 +285,8 @@ def main() -> None:
                 )
     base = results["base"]["tokens_per_s"]
     lines = [
-        f"mixserve: medians of {args.rounds} rounds; vs base: the median of per-round ratios",
+        f"mixserve: medians of {args.rounds} rounds; vs base: the median of per-round ratios; "
+        f"{results['uniform']['num_slots']} adapter slots",
         f"{'variant':<20}{'tokens/s':>10}{'vs base':>9}{'vs package':>12}  rounds (tokens/s)",
     ]
     variants = ("base", "uniform", "zipf", "uniform_warm", "zipf_warm")

@@ -86,7 +86,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapter-slot-memory",
         "MIXSERVE_ADAPTER_SLOT_MEMORY",
         type=parse_bytes,
-        help="memory for adapter slots (CPU default 1GiB)",
+        help="memory for adapter slots (default 2GiB)",
     )
     add_option(
         mem,

@@ -89,8 +89,11 @@ class AdapterPoolConfig:
     max_experts: int = 8  # experts per MLP / FFN site (MixLoRA, LoRAMoE, MoLA, DynMoLE)
     max_attn_experts: int = 1  # experts per attention site (MoLA, DynMoLE); 1 = LoRA only
     num_slots: int | None = None  # adapter slots on the device; None = from the memory budget
-    max_num_slots: int = 32  # cap when sizing from the budget (also caps adapters per step)
-    slot_memory_bytes: int | None = None  # slot budget in bytes (CPU default: 1 GiB)
+    # Cap when sizing from the budget (the slot count also caps adapters per step). None: the
+    # scheduler's max_num_seqs, the most adapters a step can hold; slots past it would only cache
+    # adapters, which the host tier does.
+    max_num_slots: int | None = None
+    slot_memory_bytes: int | None = None  # slot budget in bytes (default: 2 GiB)
     slot_memory_fraction: float | None = None  # or a fraction of free device memory (CUDA)
     host_cache_bytes: int = 4 * 2**30  # host tier (LRU) in front of the disk
     max_load_workers: int = 2  # on CPU also at most half the CPUs
@@ -108,6 +111,8 @@ class AdapterPoolConfig:
             raise ValueError("max_experts and max_attn_experts must be >= 1")
         if self.num_slots is not None and self.num_slots < 1:
             raise ValueError("num_slots must be >= 1")
+        if self.max_num_slots is not None and self.max_num_slots < 1:
+            raise ValueError("max_num_slots must be >= 1")
         if self.slot_memory_bytes is not None and self.slot_memory_bytes < 1:
             raise ValueError("slot_memory_bytes must be >= 1")
         if self.slot_memory_fraction is not None and not 0 < self.slot_memory_fraction <= 1:
