@@ -79,7 +79,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapter-slots",
         "MIXSERVE_ADAPTER_SLOTS",
         type=int,
-        help="adapter slots on the device (default: from the slot memory budget)",
+        help="adapter slots on the device (default: what the slot memory budget holds, "
+        "at most --max-num-seqs)",
     )
     add_option(
         mem,

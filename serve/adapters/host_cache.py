@@ -28,18 +28,7 @@ def pin_weights(weights: AdapterWeights) -> AdapterWeights:
     Safe to call on a worker thread; the pager pins there so the engine thread does not pay for
     the copy into page-locked memory.
     """
-    sites = {
-        proj: dataclasses.replace(
-            site,
-            lora_a=_pinned(site.lora_a),
-            lora_b=_pinned(site.lora_b),
-            scale=_pinned(site.scale),
-            router=None if site.router is None else _pinned(site.router),
-        )
-        for proj, site in weights.sites.items()
-    }
-    router = None if weights.ffn_router is None else _pinned(weights.ffn_router)
-    return dataclasses.replace(weights, sites=sites, ffn_router=router)
+    return weights.map_tensors(_pinned)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,6 +101,10 @@ class HostCache:
         self._nbytes += weights.nbytes
         self._insertions += 1
         return self.evict_until_fits(protected)
+
+    def peek(self, name: str) -> AdapterWeights | None:
+        """The cached weights, touching neither the LRU order nor the hit counts."""
+        return self._entries.get(name)
 
     def pop(self, name: str) -> AdapterWeights | None:
         """Remove an entry (an unload, not an eviction: no eviction is counted)."""

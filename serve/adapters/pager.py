@@ -11,6 +11,8 @@ Invariants:
 - a slot pinned for the current step is never evicted, overwritten or cleared before unpin_all.
 - an adapter with requests in flight keeps its host copy while it has no slot; if its slot is
   evicted after its host copy went, it is reloaded in the background (its files unchanged).
+- on CPU the tiers are exclusive (`slot_readback`): an adapter written into a slot leaves the host
+  cache, and is read back into it when its slot is about to be overwritten.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mixserve.adapters.loader import load_adapter
 from mixserve.adapters.loads import AdapterLoadResult, Loader, LoadQueue, LoadTicket, adapter_uid
 from mixserve.adapters.pager_state import AdapterState, PagerStats
 from mixserve.adapters.pool import AdapterPool
+from mixserve.adapters.slot_readback import read_slot, skeleton, stored_exactly
 from mixserve.adapters.slots import SlotTable
 from mixserve.adapters.weights import AdapterWeights
 
@@ -68,6 +71,13 @@ class AdapterPager:
         self._loads = LoadQueue(loader, pool.arch, pool.shape, pin=pin, max_workers=max_workers)
         self._entries: dict[str, _Entry] = {}
         self._slot_hits = self._host_hits = self._prefetches = 0
+        # On CPU a slot is host memory too, so a second copy in the host cache only doubles an
+        # active adapter's memory (and the pages every cold load faults in): the adapters whose
+        # one copy is their slot, by name, as skeletons to read them back by.
+        self._slot_only: dict[str, AdapterWeights] | None = None
+        if pool.device.type == "cpu":
+            self._slot_only = {}
+            self._slots.before_evict = self._read_back
 
     # Registry
 
@@ -247,6 +257,24 @@ class AdapterPager:
     def _drop_copies(self, name: str) -> None:
         self._host.pop(name)
         self._slots.remove(name)
+        if self._slot_only is not None:
+            self._slot_only.pop(name, None)
+
+    def _leave_host(self, name: str) -> None:
+        """Exclusive tiers: an adapter just written into a slot keeps no host copy."""
+        weights = self._host.peek(name) if self._slot_only is not None else None
+        if weights is not None and stored_exactly(self.pool, weights):
+            self._host.pop(name)
+            self._slot_only[name] = skeleton(weights)  # type: ignore[index]
+
+    def _read_back(self, slot: int, name: str) -> None:
+        """Exclusive tiers: the slot of name is about to be overwritten; its only copy goes
+        back into the host cache (which may evict it at once if it is over budget)."""
+        assert self._slot_only is not None
+        like = self._slot_only.pop(name, None)
+        if like is not None:
+            weights = read_slot(self.pool, slot, like)
+            self._on_host_evicted(self._host.put(name, weights, self._protected()))
 
     def _host_weights(self, name: str) -> AdapterWeights:
         weights = self._host.get(name)
@@ -265,12 +293,15 @@ class AdapterPager:
         not_ready = [n for n in wanted if not self.is_ready(n)]
         if not_ready:
             raise ValueError(f"adapters not in a slot or the host cache: {not_ready}")
-        num_hits = sum(n in self._slots for n in wanted)
+        hits = {n for n in wanted if n in self._slots}
         placed, evicted = self._slots.place(wanted, self._host_weights, self._is_busy)
         for name in evicted:
             self._on_copy_dropped(name)
-        self._slot_hits += num_hits
-        self._host_hits += len(wanted) - num_hits
+        for name in wanted:
+            if name not in hits:
+                self._leave_host(name)
+        self._slot_hits += len(hits)
+        self._host_hits += len(wanted) - len(hits)
         self._slots.sync_compute_stream()
         self._trim_host()
         return placed
@@ -279,20 +310,25 @@ class AdapterPager:
         """The step's forward is enqueued (or done): its slots may be evicted again."""
         self._slots.unpin_all()
 
-    def prefetch_slots(self, names: Iterable[str]) -> dict[str, int]:
-        """Copy ready adapters into slots ahead of their step, only into free slots or those of
-        adapters no request uses (never pinned ones). Returns name -> slot of the copies made;
-        the next `prepare` makes the compute stream wait for them."""
+    def prefetch_slots(self, names: Iterable[str], *, free_only: bool = False) -> dict[str, int]:
+        """Copy ready adapters into slots ahead of their step, only into free slots or
+        (unless free_only) those of adapters no request uses (never pinned ones). Returns
+        name -> slot of the copies made; the next `prepare` makes the compute stream wait for
+        them."""
         placed: dict[str, int] = {}
         for name in dict.fromkeys(names):
             if name in self._slots or name not in self._host:
                 continue
-            slot = self._slots.victim(self._is_busy, idle_only=True)
+            if free_only:
+                slot = self._slots.free_slot()
+            else:
+                slot = self._slots.victim(self._is_busy, idle_only=True)
             if slot is None:
                 break
             evicted = self._slots.write(slot, self._host_weights(name))
             if evicted is not None:
                 self._on_copy_dropped(evicted)
+            self._leave_host(name)
             self._slots.touch(slot)
             placed[name] = slot
         self._prefetches += len(placed)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from mixserve.adapters.pool import AdapterPool
-from mixserve.adapters.weights import AdapterWeights, SiteWeights
+from mixserve.adapters.weights import AdapterWeights
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +30,7 @@ def _to_device(weights: AdapterWeights, device: torch.device) -> AdapterWeights:
     def move(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=True)
 
-    sites = {
-        proj: SiteWeights(
-            kind=s.kind,
-            lora_a=move(s.lora_a),
-            lora_b=move(s.lora_b),
-            scale=move(s.scale),
-            router=None if s.router is None else move(s.router),
-        )
-        for proj, s in weights.sites.items()
-    }
-    router = None if weights.ffn_router is None else move(weights.ffn_router)
-    return AdapterWeights(spec=weights.spec, sites=sites, ffn_router=router, files=weights.files)
+    return weights.map_tensors(move)
 
 
 class SlotTable:
@@ -65,6 +54,9 @@ class SlotTable:
         self._cuda = pool.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=pool.device) if self._cuda else None
         self._reader_done: dict[int, torch.cuda.Event] = {}  # slot -> its last step's end
+        # Called with (slot, name) just before a write overwrites that adapter (the pager's
+        # exclusive tiers read it back into the host tier there).
+        self.before_evict: Callable[[int, str], None] | None = None
 
     @property
     def num_slots(self) -> int:
@@ -92,6 +84,13 @@ class SlotTable:
     def touch(self, slot: int) -> None:
         self._tick += 1
         self._last_used[slot] = self._tick
+
+    def free_slot(self) -> int | None:
+        """A slot that holds no adapter and is not pinned, or None."""
+        for slot, name in enumerate(self.names):
+            if name is None and slot not in self._pinned:
+                return slot
+        return None
 
     def victim(self, is_busy: Callable[[str], bool], *, idle_only: bool) -> int | None:
         """The slot to (over)write next: a free one, else the least recently used unpinned one,
@@ -163,6 +162,9 @@ class SlotTable:
         """
         if slot in self._pinned:
             raise RuntimeError(f"slot {slot} is pinned by the current step")
+        leaving = self.names[slot]
+        if leaving is not None and self.before_evict is not None:
+            self.before_evict(slot, leaving)
         with self._writing(slot):
             if self._cuda:
                 weights = _to_device(weights, self.pool.device)

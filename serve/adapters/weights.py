@@ -6,7 +6,8 @@ largest rank), which is the layout the slot pool copies from in one pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -51,3 +52,18 @@ class AdapterWeights:
             if site.router is not None:
                 tensors.append(site.router)
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AdapterWeights:
+        """The same adapter with fn applied to every tensor (pinning, moving, copying)."""
+        sites = {
+            proj: dataclasses.replace(
+                site,
+                lora_a=fn(site.lora_a),
+                lora_b=fn(site.lora_b),
+                scale=fn(site.scale),
+                router=None if site.router is None else fn(site.router),
+            )
+            for proj, site in self.sites.items()
+        }
+        router = None if self.ffn_router is None else fn(self.ffn_router)
+        return dataclasses.replace(self, sites=sites, ffn_router=router)

@@ -127,6 +127,15 @@ class EngineCore:
                 deltas += self.scheduler.fail(request_id, str(result.error))
         return deltas
 
+    def _place_new_loads(self) -> None:
+        """Adapters whose load just finished go into free slots now, not at their first step:
+        the copy is the one that step would make, and on CPU it also frees their host copy
+        (AdapterPager's exclusive tiers), whose pages the next load's file can then reuse."""
+        loaded = [name for name, _, ok in self._loads if ok]
+        if loaded and self.pager is not None:
+            with self._cpus_for_step(self.pager.num_loads_running):
+                self.pager.prefetch_slots(loaded, free_only=True)
+
     def _execute(
         self,
         plan: SchedulerOutput,
@@ -168,6 +177,7 @@ class EngineCore:
     def step(self) -> list[TokenDelta]:
         """Run one step; returns every request's new output (finished ones included)."""
         deltas = self._fail_load_errors()
+        self._place_new_loads()
         ready = self.pager.is_ready if self.pager is not None else (lambda _: True)
         plan = self.scheduler.schedule(ready)
         self.last_step_ran = bool(plan.sequences)

@@ -179,3 +179,14 @@ def test_unknown_adapter_and_bad_prompts_are_refused(setup):
     with pytest.raises(ValueError, match="empty"):
         core.add_request("z", [], GREEDY, "ad1")
     assert core.pager.in_flight("ad1") == 0  # a refused request holds no reference
+
+
+def test_a_finished_load_goes_into_a_free_slot_before_its_first_step(setup):
+    """The step after a load finishes copies it into a free slot (prefetch), so the request's
+    first step finds it there; on CPU the slot is then its only copy (exclusive tiers)."""
+    model_dir, adapters = setup
+    core = engine(model_dir, adapters).core
+    run_all(core, [("r0", [5, 6, 7], GREEDY, "ad0"), ("r1", [8, 9], GREEDY, "ad1")])
+    stats = core.pager.stats()
+    assert (stats.prefetches, stats.host_hits, stats.disk_loads) == (2, 0, 2)
+    assert stats.slot_hits >= 2 and stats.host_resident == 0 and stats.slots_in_use == 2

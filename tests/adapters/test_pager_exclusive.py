@@ -1,0 +1,86 @@
+"""AdapterPager's exclusive tiers on CPU: an adapter in a slot keeps no host copy, is read back
+into the host cache when its slot is overwritten (no disk read), and comes back identical;
+a pool that stores adapters inexactly (bf16) keeps host copies. Loads placed in free slots."""
+
+from __future__ import annotations
+
+import torch
+from support.pager_helpers import (
+    SHAPE,
+    MakePager,
+    assert_pools_equal,
+    ready,
+    settle,
+    snapshot,
+)
+
+from mixserve.adapters import AdapterPager, AdapterPool, AdapterState
+from mixserve.model import ArchConfig
+
+
+def test_a_slotted_adapter_leaves_the_host_cache_and_comes_back_on_eviction(
+    make_pager: MakePager, tmp_path
+):
+    pager = make_pager(slots=1)
+    ready(pager, tmp_path, "a", "b")
+    assert pager.stats().host_resident == 2
+    slot = pager.prepare(["a"])["a"]
+    pager.unpin_all()
+    first = snapshot(pager.pool)
+    stats = pager.stats()
+    assert pager.state("a") is AdapterState.SLOT and stats.host_resident == 1  # only b
+    assert stats.host_bytes == pager._host.peek("b").nbytes
+    pager.prepare(["b"])  # overwrites a's slot: a is read back, not re-read from disk
+    pager.unpin_all()
+    assert pager.state("a") is AdapterState.HOST and pager.state("b") is AdapterState.SLOT
+    assert pager.stats().host_resident == 1 and pager.stats().disk_loads == 2
+    assert pager.prepare(["a"]) == {"a": slot}
+    pager.unpin_all()
+    assert_pools_equal(snapshot(pager.pool), first)
+    assert pager.stats().disk_loads == 2 and pager.stats().host_hits == 3
+
+
+def test_read_back_over_budget_with_a_request_in_flight_is_reloaded(
+    make_pager: MakePager, tmp_path
+):
+    """Read back into a full host cache, an adapter still wanted is evicted at once (it holds
+    a slot at that moment, so no protection) and then reloaded with its uid."""
+    pager = make_pager(slots=1, host_budget=1)
+    ready(pager, tmp_path, "a", release=False)
+    uid = pager.uid("a")
+    pager.prepare(["a"])
+    pager.unpin_all()
+    ready(pager, tmp_path, "b", release=False)
+    pager.prepare(["b"])
+    assert pager.state("a") is AdapterState.LOADING
+    assert [r.uid for r in settle(pager)] == [uid]
+
+
+def test_unloading_a_slot_only_adapter_forgets_it(make_pager: MakePager, tmp_path):
+    pager = make_pager(slots=2)
+    ready(pager, tmp_path, "a")
+    pager.prepare(["a"])
+    pager.unpin_all()
+    assert pager.request_unload("a")
+    assert pager._slot_only == {} and pager.stats().slots_in_use == 0
+
+
+def test_a_bf16_pool_keeps_host_copies(arch: ArchConfig, tmp_path):
+    pool = AdapterPool(arch, SHAPE, 1, torch.bfloat16, "cpu")
+    with AdapterPager(pool, host_budget_bytes=10**12) as pager:
+        ready(pager, tmp_path, "a", "b")
+        pager.prepare(["a"])
+        pager.unpin_all()
+        assert pager.stats().host_resident == 2  # a's slot holds rounded weights
+        pager.prepare(["b"])
+        pager.unpin_all()
+        assert pager.state("a") is AdapterState.HOST
+
+
+def test_prefetch_into_free_slots_only(make_pager: MakePager, tmp_path):
+    pager = make_pager(slots=1)
+    ready(pager, tmp_path, "idle", "new")
+    assert pager.prefetch_slots(["idle"], free_only=True) == {"idle": 0}
+    assert pager.prefetch_slots(["new"], free_only=True) == {}  # idle would have to go
+    assert pager.prefetch_slots(["new"]) == {"new": 0}
+    assert pager.state("idle") is AdapterState.HOST and pager.stats().host_resident == 1
