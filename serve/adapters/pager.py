@@ -48,9 +48,9 @@ class AdapterPager:
     """Registry of adapter folders, in-flight counts, background loads, the host cache and the
     slot table over one AdapterPool. Engine-thread only (see the module docstring).
 
-    Per step the engine calls: `poll` (fail the requests of failed loads), schedule among
-    `is_ready` adapters, `prepare(names)` -> slots, run the forward, `unpin_all`, and optionally
-    `prefetch_slots` for waiting requests so their copies overlap the next forward.
+    Per step the engine calls: `poll` (fail the requests of failed loads), `prefetch_slots`
+    (free_only) for the loads that just finished, schedule among `is_ready` adapters,
+    `prepare(names)` -> slots, run the forward, `unpin_all`.
     """
 
     def __init__(
@@ -267,14 +267,16 @@ class AdapterPager:
             self._host.pop(name)
             self._slot_only[name] = skeleton(weights)  # type: ignore[index]
 
-    def _read_back(self, slot: int, name: str) -> None:
-        """Exclusive tiers: the slot of name is about to be overwritten; its only copy goes
-        back into the host cache (which may evict it at once if it is over budget)."""
+    def _read_back(self, slot: int, name: str, incoming: str) -> None:
+        """Exclusive tiers: the slot of name is about to be overwritten by incoming; name's
+        only copy goes back into the host cache. Over budget that put evicts idle entries, never
+        incoming (about to be written from its host copy) nor name while requests use it."""
         assert self._slot_only is not None
         like = self._slot_only.pop(name, None)
         if like is not None:
             weights = read_slot(self.pool, slot, like)
-            self._on_host_evicted(self._host.put(name, weights, self._protected()))
+            keep = self._protected() | {incoming} | ({name} if self._is_busy(name) else set())
+            self._on_host_evicted(self._host.put(name, weights, keep))
 
     def _host_weights(self, name: str) -> AdapterWeights:
         weights = self._host.get(name)

@@ -233,12 +233,16 @@ class AdapterPool:
                 file=weights.files.weights_path,
             )
 
-    def load(self, slot: int, weights: AdapterWeights) -> None:
-        """Copy a validated adapter into a slot (refused, slot untouched, if it does not fit)."""
+    def check_loadable(self, slot: int, weights: AdapterWeights) -> None:
+        """Raise what `load` would refuse weights for, touching nothing."""
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
         self._check_base_model(weights)
         self.shape.check_fits(weights)
+
+    def load(self, slot: int, weights: AdapterWeights) -> None:
+        """Copy a validated adapter into a slot (refused, slot untouched, if it does not fit)."""
+        self.check_loadable(slot, weights)
         self.clear(slot, overwritten_by=weights)
         spec = weights.spec
         for proj, site in weights.sites.items():

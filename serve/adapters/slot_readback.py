@@ -3,8 +3,9 @@
 On CPU a slot is host memory as much as the host tier is. There the pager keeps an adapter
 that sits in a slot only there (its host copy leaves), remembering a `skeleton` of its weights,
 and reads it back into the host tier when the slot is about to be overwritten. `AdapterPool.load`
-copies each tensor into a slice of exactly its shape, so the slices are the adapter again,
-bit for bit, wherever the pool stores every tensor in the adapter's own dtype.
+copies each tensor into a slice of the same shape (AdapterWeights' stacked [L, E, ...] layout;
+`read_slot` asserts it), so the slices are the adapter again, bit for bit, wherever the pool
+stores every tensor in the adapter's own dtype.
 """
 
 from __future__ import annotations

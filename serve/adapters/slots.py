@@ -54,9 +54,10 @@ class SlotTable:
         self._cuda = pool.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=pool.device) if self._cuda else None
         self._reader_done: dict[int, torch.cuda.Event] = {}  # slot -> its last step's end
-        # Called with (slot, name) just before a write overwrites that adapter (the pager's
-        # exclusive tiers read it back into the host tier there).
-        self.before_evict: Callable[[int, str], None] | None = None
+        # Called with (slot, the adapter leaving it, the one coming in) once a write is known
+        # to succeed, just before it overwrites the slot (the pager's exclusive tiers read the
+        # leaving adapter back into the host cache there).
+        self.before_evict: Callable[[int, str, str], None] | None = None
 
     @property
     def num_slots(self) -> int:
@@ -164,7 +165,8 @@ class SlotTable:
             raise RuntimeError(f"slot {slot} is pinned by the current step")
         leaving = self.names[slot]
         if leaving is not None and self.before_evict is not None:
-            self.before_evict(slot, leaving)
+            self.pool.check_loadable(slot, weights)  # a refused write must not evict anything
+            self.before_evict(slot, leaving, weights.name)
         with self._writing(slot):
             if self._cuda:
                 weights = _to_device(weights, self.pool.device)

@@ -128,13 +128,18 @@ class EngineCore:
         return deltas
 
     def _place_new_loads(self) -> None:
-        """Adapters whose load just finished go into free slots now, not at their first step:
-        the copy is the one that step would make, and on CPU it also frees their host copy
-        (AdapterPager's exclusive tiers), whose pages the next load's file can then reuse."""
+        """Adapters whose load just finished go into free slots now, ahead of their first step
+        (usually the copy that step would make), and on CPU that frees their host copy
+        (AdapterPager's exclusive tiers), whose pages the next load's file can then reuse. Only
+        an optimisation: a failure is logged, and prepare places the adapters as before."""
         loaded = [name for name, _, ok in self._loads if ok]
-        if loaded and self.pager is not None:
+        if not loaded or self.pager is None:
+            return
+        try:
             with self._cpus_for_step(self.pager.num_loads_running):
                 self.pager.prefetch_slots(loaded, free_only=True)
+        except Exception:  # noqa: BLE001 - e.g. out of device memory; the step still runs
+            logger.exception("placing newly loaded adapters %s in free slots failed", loaded)
 
     def _execute(
         self,

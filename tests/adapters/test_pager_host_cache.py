@@ -9,7 +9,6 @@ import torch
 from support.pager_helpers import (
     BIG,
     SHAPE,
-    MakePager,
     assert_pools_equal,
     pool_tensors,
     ready,
@@ -43,17 +42,20 @@ def test_in_flight_adapters_stay_in_the_host_cache_over_budget(make_pager, arch,
     assert pager.state("a") is AdapterState.NOT_LOADED and pager.stats().host_evictions == 1
 
 
-def test_an_in_use_adapter_that_leaves_memory_is_reloaded(make_pager: MakePager, tmp_path):
-    pager = make_pager(slots=1, host_budget=1)  # the host cache keeps only protected entries
-    ready(pager, tmp_path, "a", release=False)
-    uid = pager.uid("a")
-    pager.prepare(["a"])  # a moves into the slot and loses its host protection...
-    pager.unpin_all()
-    assert pager.state("a") is AdapterState.SLOT and pager.stats().host_resident == 0
-    ready(pager, tmp_path, "b", release=False)
-    pager.prepare(["b"])  # ...so evicting its slot leaves nothing: it is read again
-    assert pager.state("a") is AdapterState.LOADING
-    assert [r.uid for r in settle(pager)] == [uid] and pager.is_ready("a")
+def test_an_in_use_adapter_that_leaves_memory_is_reloaded(arch: ArchConfig, tmp_path):
+    # A bf16 pool keeps host copies (a slot holds rounded weights), as a CUDA pool does; the
+    # host cache keeps only protected entries.
+    pool = AdapterPool(arch, SHAPE, 1, torch.bfloat16, "cpu")
+    with AdapterPager(pool, host_budget_bytes=1) as pager:
+        ready(pager, tmp_path, "a", release=False)
+        uid = pager.uid("a")
+        pager.prepare(["a"])  # a moves into the slot and loses its host protection...
+        pager.unpin_all()
+        assert pager.state("a") is AdapterState.SLOT and pager.stats().host_resident == 0
+        ready(pager, tmp_path, "b", release=False)
+        pager.prepare(["b"])  # ...so evicting its slot leaves nothing: it is read again
+        assert pager.state("a") is AdapterState.LOADING
+        assert [r.uid for r in settle(pager)] == [uid] and pager.is_ready("a")
 
 
 def test_host_cache_lru_budget_and_protection(arch, tmp_path, caplog):

@@ -190,3 +190,20 @@ def test_a_finished_load_goes_into_a_free_slot_before_its_first_step(setup):
     stats = core.pager.stats()
     assert (stats.prefetches, stats.host_hits, stats.disk_loads) == (2, 0, 2)
     assert stats.slot_hits >= 2 and stats.host_resident == 0 and stats.slots_in_use == 2
+
+
+def test_a_failed_placement_of_new_loads_fails_nothing(setup, monkeypatch, caplog):
+    """Placing finished loads in free slots is an optimisation: if it raises, the error is
+    logged and the requests run (their step's prepare places the adapters)."""
+    model_dir, adapters = setup
+    core = engine(model_dir, adapters).core
+
+    def broken(*args: object, **kwargs: object) -> dict[str, int]:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(core.pager, "prefetch_slots", broken)
+    with caplog.at_level("ERROR", logger="mixserve.engine.core"):
+        out = run_all(core, [("r0", [5, 6, 7], GREEDY, "ad0")])
+    assert len(tokens_of(out[("r0", 0)])) == GREEDY.max_tokens
+    assert "placing newly loaded adapters ['ad0']" in caplog.text
+    assert core.pager.stats().host_hits == 1  # placed by the step's prepare
