@@ -321,11 +321,8 @@ class AdapterPager:
         for name in dict.fromkeys(names):
             if name in self._slots or name not in self._host:
                 continue
-            if free_only:
-                slot = self._slots.free_slot()
-            else:
-                slot = self._slots.victim(self._is_busy, idle_only=True)
-            if slot is None:
+            slot = self._slots.victim(self._is_busy, idle_only=True)  # a free one first
+            if slot is None or (free_only and self._slots.names[slot] is not None):
                 break
             evicted = self._slots.write(slot, self._host_weights(name))
             if evicted is not None:

@@ -240,26 +240,44 @@ class AdapterPool:
         self._check_base_model(weights)
         self.shape.check_fits(weights)
 
+    def slot_views(
+        self, slot: int, weights: AdapterWeights
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(a tensor of weights, the slice of slot that holds it) pairs, each slice the tensor's
+        shape, in the order AdapterWeights.map_tensors visits the tensors: where `load` copies
+        to, and where slot_readback reads from."""
+        pairs = []
+        for proj, site in weights.sites.items():
+            stack = self._sites[proj]
+            num_e, rank = site.num_experts, site.rank
+            first = slot * stack.num_experts
+            pairs += [
+                (site.lora_a, stack.lora_a[:, slot, :num_e, :rank]),  # [L, E, R, in]
+                (site.lora_b, stack.lora_b[:, slot, :num_e, :, :rank]),  # [L, E, out, R]
+                (site.scale, stack.scale[:, first : first + num_e]),  # [L, E]
+            ]
+            if site.router is not None:
+                assert stack.router is not None
+                pairs.append((site.router, stack.router[:, slot, :num_e]))  # [L, E, in]
+        if weights.ffn_router is not None:
+            assert self._ffn_router is not None
+            router = self._ffn_router[:, slot, : weights.spec.num_experts]  # [L, E, hidden]
+            pairs.append((weights.ffn_router, router))
+        return pairs
+
     def load(self, slot: int, weights: AdapterWeights) -> None:
         """Copy a validated adapter into a slot (refused, slot untouched, if it does not fit)."""
         self.check_loadable(slot, weights)
         self.clear(slot, overwritten_by=weights)
         spec = weights.spec
+        for tensor, target in self.slot_views(slot, weights):
+            target.copy_(tensor)
         for proj, site in weights.sites.items():
             stack = self._sites[proj]
-            num_e, rank = site.num_experts, site.rank
-            stack.lora_a[:, slot, :num_e, :rank].copy_(site.lora_a)
-            stack.lora_b[:, slot, :num_e, :, :rank].copy_(site.lora_b)
             first = slot * stack.num_experts
-            stack.scale[:, first : first + num_e].copy_(site.scale)
-            stack.group_ranks[first : first + num_e] = rank
-            if site.router is not None:
-                assert stack.router is not None
-                stack.router[:, slot, :num_e].copy_(site.router)
+            stack.group_ranks[first : first + site.num_experts] = site.rank
             self.site_kinds[proj][slot] = int(site.kind)
         if weights.ffn_router is not None:
-            assert self._ffn_router is not None
-            self._ffn_router[:, slot, : spec.num_experts].copy_(weights.ffn_router)
             self.ffn_slots[slot] = True
             self.activations[slot] = spec.act_fn or self.arch.hidden_act
         r = self.routing

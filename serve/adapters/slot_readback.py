@@ -3,8 +3,8 @@
 On CPU a slot is host memory as much as the host tier is. There the pager keeps an adapter
 that sits in a slot only there (its host copy leaves), remembering a `skeleton` of its weights,
 and reads it back into the host tier when the slot is about to be overwritten. `AdapterPool.load`
-copies each tensor into a slice of the same shape (AdapterWeights' stacked [L, E, ...] layout;
-`read_slot` asserts it), so the slices are the adapter again, bit for bit, wherever the pool
+copies each tensor into a slice of the same shape (`AdapterPool.slot_views`, which `read_slot`
+reads), so the slices are the adapter again, bit for bit, wherever the pool
 stores every tensor in the adapter's own dtype.
 """
 
@@ -27,35 +27,10 @@ def skeleton(weights: AdapterWeights) -> AdapterWeights:
     return weights.map_tensors(_meta)
 
 
-def _slot_views(
-    pool: AdapterPool, slot: int, like: AdapterWeights
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(like's tensor, the slice of slot that AdapterPool.load copies it into) pairs, in the
-    order AdapterWeights.map_tensors visits the tensors."""
-    pairs = []
-    for proj, site in like.sites.items():
-        stack = pool.stacks.sites[proj]
-        num_e, rank = site.num_experts, site.rank
-        first = slot * stack.num_experts
-        pairs += [
-            (site.lora_a, stack.lora_a[:, slot, :num_e, :rank]),  # [L, E, R, in]
-            (site.lora_b, stack.lora_b[:, slot, :num_e, :, :rank]),  # [L, E, out, R]
-            (site.scale, stack.scale[:, first : first + num_e]),  # [L, E]
-        ]
-        if site.router is not None:
-            assert stack.router is not None
-            pairs.append((site.router, stack.router[:, slot, :num_e]))  # [L, E, in]
-    if like.ffn_router is not None:
-        assert pool.stacks.ffn_router is not None
-        ffn_router = pool.stacks.ffn_router[:, slot, : like.spec.num_experts]  # [L, E, hidden]
-        pairs.append((like.ffn_router, ffn_router))
-    return pairs
-
-
 def stored_exactly(pool: AdapterPool, weights: AdapterWeights) -> bool:
     """Whether the pool keeps every tensor of weights in its own dtype (a read-back is then the
     same bits); a bf16 pool holding an fp32 adapter, say, does not."""
-    return all(tensor.dtype == stored.dtype for tensor, stored in _slot_views(pool, 0, weights))
+    return all(tensor.dtype == stored.dtype for tensor, stored in pool.slot_views(0, weights))
 
 
 def read_slot(pool: AdapterPool, slot: int, like: AdapterWeights) -> AdapterWeights:
@@ -63,12 +38,12 @@ def read_slot(pool: AdapterPool, slot: int, like: AdapterWeights) -> AdapterWeig
     that were loaded there). The caller checks `stored_exactly` before relying on the bits."""
     if pool.names[slot] != like.name:
         raise ValueError(f"slot {slot} holds {pool.names[slot]!r}, not {like.name!r}")
-    # _slot_views lists the tensors in the order map_tensors visits them.
-    views = iter([stored for _, stored in _slot_views(pool, slot, like)])
+    # slot_views lists the tensors in the order map_tensors visits them.
+    views = iter([stored for _, stored in pool.slot_views(slot, like)])
 
     def copy(tensor: torch.Tensor) -> torch.Tensor:
         stored = next(views)
-        assert stored.shape == tensor.shape, "_slot_views and map_tensors disagree"
+        assert stored.shape == tensor.shape, "slot_views and map_tensors disagree"
         return stored.to("cpu", copy=True, memory_format=torch.contiguous_format)
 
     return like.map_tensors(copy)

@@ -86,13 +86,6 @@ class SlotTable:
         self._tick += 1
         self._last_used[slot] = self._tick
 
-    def free_slot(self) -> int | None:
-        """A slot that holds no adapter and is not pinned, or None."""
-        for slot, name in enumerate(self.names):
-            if name is None and slot not in self._pinned:
-                return slot
-        return None
-
     def victim(self, is_busy: Callable[[str], bool], *, idle_only: bool) -> int | None:
         """The slot to (over)write next: a free one, else the least recently used unpinned one,
         preferring adapters no request is using (idle_only: only those), else None."""
