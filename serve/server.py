@@ -17,6 +17,7 @@ from mixserve.api.serving import ServerState
 from mixserve.config import EngineConfig, ServerConfig
 from mixserve.engine import EngineClient
 from mixserve.engine.builder import build_engine
+from mixserve.gc_freeze import freeze_startup_objects
 from mixserve.metrics import Metrics
 from mixserve.model import load_arch
 from mixserve.model.default_model import DEFAULT_MODEL_NAME, cache_root, resolve_model_dir
@@ -85,6 +86,7 @@ def run_server(
     # their generation does, and uvicorn's timeout_graceful_shutdown bounds the wait).
     AppStatus.disable_automatic_graceful_drain()
     server = build_server(engine_config, server_config)
+    freeze_startup_objects()  # this process keeps its model and engine until it exits
     config = uvicorn.Config(
         server.app,  # type: ignore[arg-type]
         host=server_config.host,

@@ -26,7 +26,6 @@ unsafe in a process with running threads. Pickles are fine here: both ends are m
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import pickle
 import signal
@@ -43,6 +42,7 @@ from mixserve.adapters.files import AdapterFiles
 from mixserve.adapters.spec import AdapterSpec, SiteKind
 from mixserve.adapters.weights import AdapterWeights, SiteWeights
 from mixserve.cpu_memory import keep_freed_memory
+from mixserve.gc_freeze import freeze_startup_objects
 
 READY = "ready"  # a worker's first reply: its imports are done
 
@@ -182,20 +182,13 @@ def main() -> None:
 
 
 def settle_worker_memory() -> None:
-    """Once the worker's imports are done: what outlives every load stops costing each load.
-
-    - gc.freeze(): the ~300k objects of torch's and mixserve's imports leave the collector's
-      generations. A load makes thousands of container objects (a MoE-PEFT file's ~1000
-      tensors and their records), which triggers collections, and each full one walked every
-      imported object: measured alone on 2 vCPUs, a 28 MB MixLoRA load went from 66 to 48 ms.
-      Nothing imported is ever freed in this process, so freezing leaks nothing.
-    - keep_freed_memory(): a load's stacking buffers (tens of MB) come back from glibc's heap
-      instead of fresh mappings. Fresh pages are slow wherever the hypervisor backs them
-      lazily (bench/RESULTS.md, session 23: ~25 us per 4 KiB page on the bench VM); in a cold
-      serving run the worker's read-and-stack time went from 70 to 62 ms of CPU per load.
-    """
-    gc.collect()
-    gc.freeze()
+    """Once the worker's imports are done, what outlives every load stops costing each load:
+    the imported objects leave the garbage collector's generations (a MoE-PEFT file's ~1000
+    tensors and their records trigger collections, and each full one walked torch's imports:
+    a 28 MB MixLoRA load alone went from 66 to 48 ms on 2 vCPUs), and a load's stacking
+    buffers come back from glibc's heap instead of fresh mappings (fresh pages are slow where
+    the hypervisor backs them lazily: bench/RESULTS.md, session 23)."""
+    freeze_startup_objects()
     keep_freed_memory()
 
 
