@@ -120,4 +120,8 @@ def read_weights(name: str, path: str) -> dict[str, torch.Tensor]:
             raise AdapterValueError(
                 name, f"is a {type(value).__name__}, not a tensor", file=path, key=key
             )
+    if any(value.requires_grad for value in loaded.values()):
+        # torch.load rebuilds saved Parameters with their flag; weights are data here (stacking
+        # with out= refuses inputs that require grad, and a copy would build a graph).
+        loaded = {key: value.detach() for key, value in loaded.items()}
     return loaded

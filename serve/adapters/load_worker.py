@@ -45,6 +45,8 @@ from mixserve.cpu_memory import keep_freed_memory
 from mixserve.gc_freeze import freeze_startup_objects
 
 READY = "ready"  # a worker's first reply: its imports are done
+# "1": the worker keeps freed heap memory (set by the engine side, ProcessLoader)
+KEEP_FREED_MEMORY_ENV = "MIXSERVE_WORKER_KEEP_FREED_MEMORY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,21 +177,21 @@ def main() -> None:
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     torch.set_num_threads(1)
-    import mixserve.adapters.loader  # noqa: F401 - imported before freezing, as _serve's import
-
-    settle_worker_memory()
+    settle_worker_memory(os.environ.get(KEEP_FREED_MEMORY_ENV) == "1")
     _serve(sys.stdin.buffer, replies)
 
 
-def settle_worker_memory() -> None:
-    """Once the worker's imports are done, what outlives every load stops costing each load:
-    the imported objects leave the garbage collector's generations (a MoE-PEFT file's ~1000
-    tensors and their records trigger collections, and each full one walked torch's imports:
-    a 28 MB MixLoRA load alone went from 66 to 48 ms on 2 vCPUs), and a load's stacking
-    buffers come back from glibc's heap instead of fresh mappings (fresh pages are slow where
-    the hypervisor backs them lazily: bench/RESULTS.md, session 23)."""
+def settle_worker_memory(keep_freed: bool) -> None:
+    """Once the worker's imports are done (this module's imports include the whole load
+    path), what outlives every load stops costing each load: the imported objects leave the
+    garbage collector's generations (a MoE-PEFT file's ~1000 tensors and their records
+    trigger collections, and each full one walked torch's imports: a 28 MB MixLoRA load alone
+    went from 66 to 48 ms on 2 vCPUs). With keep_freed (a CPU engine that tunes malloc), a
+    load's stacking buffers come back from glibc's heap instead of fresh mappings (fresh pages
+    are slow where the hypervisor backs them lazily: bench/RESULTS.md, session 23)."""
     freeze_startup_objects()
-    keep_freed_memory()
+    if keep_freed:
+        keep_freed_memory()
 
 
 if __name__ == "__main__":

@@ -150,8 +150,11 @@ def _fill(
     if any(v.shape != out.shape[2:] for v in values):
         return False
     flat = out.view(num_layers * num_experts, *out.shape[2:])
-    if all(v.dtype == out.dtype for v in values):
+    dtypes = {v.dtype for v in values}
+    if dtypes == {out.dtype}:
         torch.stack(values, out=flat)
+    elif len(dtypes) == 1:  # a half-precision file: one temporary at its own size
+        flat.copy_(torch.stack(values))
     else:
         flat.copy_(torch.stack([v.to(out.dtype) for v in values]))
     return True

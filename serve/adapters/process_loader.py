@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 
 from mixserve.adapters.errors import AdapterError
 from mixserve.adapters.exchange_dirs import make_exchange_dir
-from mixserve.adapters.load_worker import READY, unpack_weights
+from mixserve.adapters.load_worker import KEEP_FREED_MEMORY_ENV, READY, unpack_weights
 from mixserve.adapters.weights import AdapterWeights
 from mixserve.model.arch import ArchConfig
 
@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 class _Worker:
     """One child process; used by one load thread at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_freed_memory: bool = False) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # its CPU is the engine's too
+        env[KEEP_FREED_MEMORY_ENV] = "1" if keep_freed_memory else "0"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mixserve.adapters.load_worker"],
             stdin=subprocess.PIPE,
@@ -155,11 +156,20 @@ class ProcessLoader:
     fails its load and is replaced by the next one.
     """
 
-    def __init__(self, max_workers: int, load_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        max_workers: int,
+        load_timeout_s: float | None = None,
+        *,
+        keep_freed_memory: bool = False,
+    ) -> None:
+        """keep_freed_memory: the workers raise glibc's thresholds as a CPU engine does
+        (cpu_memory.py; the engine passes its own choice)."""
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
         self._max_workers = max_workers
         self._load_timeout_s = load_timeout_s  # None: wait as long as a read takes
+        self._keep_freed_memory = keep_freed_memory
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
@@ -221,7 +231,7 @@ class ProcessLoader:
             self._finalizer()
 
     def _spawn(self) -> _Worker:
-        worker = _Worker()
+        worker = _Worker(self._keep_freed_memory)
         self._workers.append(worker)
         return worker
 

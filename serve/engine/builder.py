@@ -101,12 +101,15 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
     adapters = dict(adapters or {})
     model_dir = resolve_model_dir(config.model.model)
     dtype, device = torch_dtype(config.model.dtype), torch.device(config.model.device)
-    if device.type == "cpu" and config.tune_malloc:
+    tune_malloc = device.type == "cpu" and config.tune_malloc
+    if tune_malloc:
         keep_freed_memory()
     num_load_workers = _num_load_workers(config.adapters, device)
     loader: Loader = load_adapter
     if config.adapters.load_in_processes:
-        process_loader = ProcessLoader(num_load_workers, config.adapters.load_timeout_s)
+        process_loader = ProcessLoader(
+            num_load_workers, config.adapters.load_timeout_s, keep_freed_memory=tune_malloc
+        )
         process_loader.start()  # the worker imports torch while the model loads
         loader = process_loader
     try:

@@ -255,17 +255,23 @@ def test_a_worker_that_dies_while_starting_is_dropped_and_replaced(tmp_path, arc
 
 
 def test_a_worker_freezes_its_imports_out_of_the_collector():
-    """settle_worker_memory (the worker's start, after its imports): the imported objects leave
-    the collector's generations and glibc keeps freed memory. Run in a child: freezing this
-    test process would keep its garbage."""
+    """The worker's main (here with an empty stdin: it settles, then stops at the EOF) freezes
+    its startup objects out of the garbage collector. Run in a child: freezing this test
+    process would keep its garbage."""
     script = (
-        "import gc\n"
+        "import gc, sys\n"
         "from mixserve.adapters import load_worker\n"
         "assert gc.get_freeze_count() == 0\n"
-        "load_worker.settle_worker_memory()\n"
-        "print(gc.get_freeze_count())\n"
+        "load_worker.main()\n"
+        "print(gc.get_freeze_count(), file=sys.stderr)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", script],
+        input=b"",
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, load_worker.KEEP_FREED_MEMORY_ENV: "1"},
     )
-    assert int(done.stdout.strip()) > 10_000  # torch's import alone makes ~100k objects
+    assert done.returncode == 0, done.stderr
+    assert pickle.loads(done.stdout) == load_worker.READY  # its one reply
+    assert int(done.stderr.decode().split()[-1]) > 10_000  # torch's import makes ~100k
