@@ -209,7 +209,9 @@ def bench_load_time(
     shape = PoolShape.covering([load_adapter("x", adapter_dir, arch).spec], arch.num_layers)
     model = llm.engine.runner.model
     pool = AdapterPool(arch, shape, 1, model.dtype, model.device)
-    process_loader = ProcessLoader(1)  # the engine's path: a worker process reads the files
+    # The engine's path: a worker process reads the files, keeping freed memory as a CPU
+    # engine's workers do (build_engine).
+    process_loader = ProcessLoader(1, keep_freed_memory=pool.device.type == "cpu")
     process_loader("x", adapter_dir, arch)  # the worker's start-up is not part of a load
     medians, ranges = {}, {}
     for variant, loader in (("in_process", load_adapter), ("worker_process", process_loader)):
