@@ -135,29 +135,29 @@ def _check_finite(
 
 
 def _fill(
-    out: torch.Tensor, entries: list[ExpectedTensor], weights: dict[str, torch.Tensor]
-) -> bool:
-    """Copy the entries (one per (layer, expert) of out [L, E, ...], each exactly out's trailing
-    shape) into out with one stack; False (nothing written) unless they are that full grid. One
-    call instead of one slice assignment per tensor: a MoE-PEFT MixLoRA file has ~1000."""
+    out: torch.Tensor,
+    entries: list[ExpectedTensor],
+    weights: dict[str, torch.Tensor],
+    rank_dim: int,
+) -> None:
+    """Copy each entry's tensor to out[layer, expert] (out [L, E, ...], zeros), filling its first
+    rows along rank_dim (a lower rank than the site's largest is zero-padded). Where the entries
+    are the full grid at out's trailing shape (no rank pattern, no layer gaps), one stack
+    instead of one slice copy per tensor: a MoE-PEFT MixLoRA file has ~1000."""
     num_layers, num_experts = out.shape[:2]
-    if len(entries) != num_layers * num_experts:
-        return False
     by_place = {(e.layer, e.expert): e.key for e in entries}
-    if len(by_place) != len(entries):
-        return False
-    values = [weights[by_place[(i, j)]] for i in range(num_layers) for j in range(num_experts)]
-    if any(v.shape != out.shape[2:] for v in values):
-        return False
-    flat = out.view(num_layers * num_experts, *out.shape[2:])
-    dtypes = {v.dtype for v in values}
-    if dtypes == {out.dtype}:
-        torch.stack(values, out=flat)
-    elif len(dtypes) == 1:  # a half-precision file: one temporary at its own size
-        flat.copy_(torch.stack(values))
-    else:
-        flat.copy_(torch.stack([v.to(out.dtype) for v in values]))
-    return True
+    if len(by_place) == len(entries) == num_layers * num_experts:
+        values = [weights[by_place[(i, j)]] for i in range(num_layers) for j in range(num_experts)]
+        if all(v.shape == out.shape[2:] for v in values):
+            flat = out.view(num_layers * num_experts, *out.shape[2:])
+            if all(v.dtype == out.dtype for v in values):
+                torch.stack(values, out=flat)
+            else:  # a half-precision file: the stack's one temporary is at its own size
+                flat.copy_(torch.stack(values))
+            return
+    for e in entries:
+        value = weights[e.key]
+        out[e.layer, e.expert].narrow(rank_dim, 0, value.shape[rank_dim]).copy_(value)
 
 
 def _stack_site(
@@ -184,15 +184,8 @@ def _stack_site(
     layer_scales = [spec.settings_for(proj, i).scale for i in range(num_layers)]
     for e in by_role["A"]:
         scale[e.layer, e.expert] = layer_scales[e.layer]
-    # The slow path: a rank pattern (lower ranks padded) or layers_to_transform (gaps).
-    if not _fill(lora_a, by_role["A"], weights):
-        for e in by_role["A"]:
-            value = weights[e.key]
-            lora_a[e.layer, e.expert, : value.shape[0]] = value.to(torch.float32)
-    if not _fill(lora_b, by_role["B"], weights):
-        for e in by_role["B"]:
-            value = weights[e.key]
-            lora_b[e.layer, e.expert, :, : value.shape[1]] = value.to(torch.float32)
+    _fill(lora_a, by_role["A"], weights, rank_dim=0)  # A [R, in]
+    _fill(lora_b, by_role["B"], weights, rank_dim=1)  # B [out, R]
     for e in by_role["router"]:
         assert router is not None
         router[e.layer] = weights[e.key].to(torch.float32)
@@ -241,14 +234,13 @@ def assemble_adapter(
                 for i in range(arch.num_layers)
             ]
         )
-    stacked = [ffn_router] if ffn_router is not None else []
-    for site in sites.values():
-        stacked += [t for t in (site.lora_a, site.lora_b, site.router) if t is not None]
+    adapter = AdapterWeights(spec=spec, sites=sites, ffn_router=ffn_router, files=files)
     # The stacks hold every expected tensor: sites stack each key of their projection, and the
     # MixLoRA FFN routers (projection None) are stacked above; anything else is checked alone.
+    # (The scales come from the config, finite by its parsing.)
     loose = [
         e.key for e in expected.values() if e.projection is not None and e.projection not in sites
     ]
-    stacked += [weights[key] for key in loose]
+    stacked = adapter.tensors() + [weights[key] for key in loose]
     _check_finite(spec, expected, weights, stacked, file)
-    return AdapterWeights(spec=spec, sites=sites, ffn_router=ffn_router, files=files)
+    return adapter

@@ -46,12 +46,18 @@ class AdapterWeights:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.ffn_router] if self.ffn_router is not None else []
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor, in the order map_tensors visits them."""
+        out = []
         for site in self.sites.values():
-            tensors += [site.lora_a, site.lora_b, site.scale]
+            out += [site.lora_a, site.lora_b, site.scale]
             if site.router is not None:
-                tensors.append(site.router)
-        return sum(t.numel() * t.element_size() for t in tensors)
+                out.append(site.router)
+        if self.ffn_router is not None:
+            out.append(self.ffn_router)
+        return out
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AdapterWeights:
         """The same adapter with fn applied to every tensor (pinning, moving, copying)."""
