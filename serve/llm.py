@@ -21,6 +21,7 @@ from mixserve.config import (
 )
 from mixserve.engine.builder import build_engine
 from mixserve.engine.core import EngineStats
+from mixserve.gc_freeze import frozen_while_running
 from mixserve.types import CompletionOutput, FinishReason, RequestOutput, SamplingParams, TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -162,11 +163,12 @@ class LLM:
         adapters: list[str | None],
     ) -> list[RequestOutput]:
         deltas: dict[tuple[str, int], list[TokenDelta]] = {}
-        while self.engine.has_work:
-            for delta in self.engine.step():
-                deltas.setdefault((delta.request_id, delta.index), []).append(delta)
-            if not self.engine.last_step_ran:
-                self.engine.wait_for_progress(0.05)
+        with frozen_while_running():
+            while self.engine.has_work:
+                for delta in self.engine.step():
+                    deltas.setdefault((delta.request_id, delta.index), []).append(delta)
+                if not self.engine.last_step_ran:
+                    self.engine.wait_for_progress(0.05)
         outputs = []
         for rid, text, tokens, p, name in zip(
             request_ids, texts, token_lists, params, adapters, strict=True

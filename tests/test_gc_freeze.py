@@ -39,3 +39,33 @@ def test_freezing_keeps_no_garbage_and_later_garbage_is_collected():
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) > 1000
+
+
+def test_frozen_while_running_freezes_for_the_block_only():
+    import gc
+
+    from mixserve.gc_freeze import frozen_while_running
+
+    assert gc.get_freeze_count() == 0, "the test process must not be frozen"
+    kept = [object()]  # a tracked container alive at entry
+    with frozen_while_running() as froze:
+        assert froze
+        assert gc.get_freeze_count() > 0
+        assert not any(o is kept for g in range(3) for o in gc.get_objects(generation=g))
+    assert gc.get_freeze_count() == 0
+    assert any(o is kept for o in gc.get_objects(generation=2)), "not handed back"
+
+
+def test_frozen_while_running_leaves_an_outer_freeze_alone():
+    import gc
+
+    from mixserve.gc_freeze import frozen_while_running
+
+    gc.freeze()
+    try:
+        count = gc.get_freeze_count()
+        with frozen_while_running() as froze:
+            assert not froze
+        assert gc.get_freeze_count() == count, "an outer freeze was undone"
+    finally:
+        gc.unfreeze()

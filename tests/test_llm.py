@@ -118,3 +118,20 @@ def test_a_bad_adapter_fails_construction_with_its_error(setup, tmp_path):
     torch.save(weights, os.path.join(broken, "adapter_model.bin"))
     with pytest.raises(MissingTensorError, match="experts.1.lora_B"):
         mixserve.LLM(model_dir, adapters={**adapters, "broken": broken}, num_kv_blocks=8)
+
+
+def test_generate_runs_its_steps_with_older_objects_frozen(setup, monkeypatch):
+    import gc
+
+    llm = setup[0]
+    step = llm.engine.step
+    counts = []
+
+    def counting_step():
+        counts.append(gc.get_freeze_count())
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", counting_step)
+    llm.generate(PROMPTS[:2], GREEDY)
+    assert counts and min(counts) > 0, "steps ran with nothing frozen"
+    assert gc.get_freeze_count() == 0, "generate left objects frozen"
