@@ -1,5 +1,6 @@
 """The load workers' exchange folders: one private folder per loader on shared memory, named
-after its process and PID namespace so a later loader can remove the folder of a killed one.
+after its process and PID namespace so a later loader can remove the folder of a killed one;
+and the files in one (`ExchangeFiles`), kept for later loads once nothing maps them.
 
 Files on /dev/shm hold memory until a reboot: a process killed before its cleanup (a Ray replica,
 SIGKILL) would otherwise leak every exchange file it had open.
@@ -7,9 +8,12 @@ SIGKILL) would otherwise leak every exchange file it had open.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import threading
+import uuid
 
 _EXCHANGE_PREFIX = "mixserve-loads-"
 
@@ -69,3 +73,62 @@ def remove_stale_exchange_dirs(root: str) -> None:
             pid = int(pid_text)
             if pid != os.getpid() and not _process_exists(pid):
                 shutil.rmtree(entry.path, ignore_errors=True)
+
+
+# What spare exchange files may hold at most (a loader may be given less: the builder caps it
+# at the host tier's budget). They keep their memory until the loader closes (what that saves:
+# exchange_files.py); 1 GiB is ~36 MixLoRA adapters of 28 MB, about the loads that finish
+# during one long prefill step on 2 vCPUs, before the next step boundary frees their files.
+DEFAULT_MAX_SPARE_BYTES = 1 << 30
+
+
+class ExchangeFiles:
+    """The exchange files of one loader's folder: a file per running load, and the files that
+    nothing maps any more, kept for later loads (reused, never truncated, so a load writes
+    into pages that exist: exchange_files.py) up to max_spare_bytes. Removing the folder
+    removes them all (the loader's close)."""
+
+    def __init__(self, folder: str | None, max_spare_bytes: int = DEFAULT_MAX_SPARE_BYTES) -> None:
+        self.folder = folder  # None: no folder, every load takes the pipe
+        self.max_spare_bytes = max_spare_bytes
+        self._spare: dict[str, int] = {}  # path -> size
+        # Reentrant: a file comes back in a finalizer, which may run inside a garbage
+        # collection on the thread that holds the lock.
+        self._lock = threading.RLock()
+        self._closed = False
+
+    @property
+    def spare_bytes(self) -> int:
+        with self._lock:
+            return sum(self._spare.values())
+
+    def take(self) -> str | None:
+        """A spare file, else a new name in the folder (None: no folder)."""
+        if self.folder is None:
+            return None
+        with self._lock:
+            if self._spare:
+                return self._spare.popitem()[0]
+        return os.path.join(self.folder, f"{uuid.uuid4().hex}.tensors")
+
+    def give_back(self, path: str | None, *, reuse: bool) -> None:
+        """Once nothing maps a load's file: keep it for a later load within max_spare_bytes,
+        else remove it (also a file of a killed worker, and any after close). Any thread."""
+        if path is None:
+            return
+        try:
+            size = os.path.getsize(path)
+        except OSError:  # never written, or the worker removed it: nothing to keep
+            return
+        with self._lock:
+            fits = sum(self._spare.values()) + size <= self.max_spare_bytes
+            if reuse and fits and not self._closed:
+                self._spare[path] = size
+                return
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+    def close(self) -> None:
+        """Files given back from now on are removed (the loader removes its folder)."""
+        with self._lock:
+            self._closed = True

@@ -8,8 +8,9 @@ torch op, and both slow down several times (measured on 2 cores with torch's rea
 slower than alone, prefill steps beside them 3-8x). A worker process reads, validates and
 stacks the adapter, then hands back its few stacked tensors.
 
-The tensors travel through a safetensors file in the loader's own folder on shared memory
-(/dev/shm where it exists); the pipe carries the skeleton. A pipe moves at most 1 MiB per read,
+The tensors travel through a file in the loader's own folder on shared memory (/dev/shm where
+it exists: exchange_files.py, which also says why the engine recycles these files); the pipe
+carries the skeleton. A pipe moves at most 1 MiB per read,
 and the load thread needs the GIL back for each read from the stepping thread. Measured on 2
 vCPUs with a 27 MB adapter: alone, 108 ms this way against 117 through the pipe; in a serving
 run both took 230-440 ms once decode steps ran beside them (fresh pages fault in slowly there),
@@ -26,18 +27,18 @@ unsafe in a process with running threads. Pickles are fine here: both ends are m
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import pickle
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from mixserve.adapters.errors import AdapterError
+from mixserve.adapters.exchange_files import FileTensor, map_tensors, write_tensors
 from mixserve.adapters.files import AdapterFiles
 from mixserve.adapters.spec import AdapterSpec, SiteKind
 from mixserve.adapters.weights import AdapterWeights, SiteWeights
@@ -73,20 +74,18 @@ class PackedTensor:
 
 @dataclass(frozen=True, slots=True)
 class PackedWeights:
-    """AdapterWeights as a picklable skeleton plus its tensors: in exchange_file (safetensors,
-    removed by unpack_weights) or, without one, as raw bytes."""
+    """AdapterWeights as a picklable skeleton plus its tensors: in exchange_file at the places
+    file_tensors gives or, without one, as raw bytes in tensors."""
 
     spec: AdapterSpec
     files: AdapterFiles
     site_kinds: dict[str, SiteKind]
     tensors: dict[str, PackedTensor]
     exchange_file: str | None = None
+    file_tensors: dict[str, FileTensor] = field(default_factory=dict)
 
 
-def pack_weights(weights: AdapterWeights, exchange_file: str | None = None) -> PackedWeights:
-    """The weights as a skeleton plus their tensors: in exchange_file (a path the engine chose,
-    so that it can remove the file whatever becomes of this worker) or, where that cannot be
-    written or is None, as raw bytes."""
+def _named_tensors(weights: AdapterWeights) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for proj, site in weights.sites.items():
         tensors[f"{proj}.lora_a"] = site.lora_a
@@ -96,16 +95,7 @@ def pack_weights(weights: AdapterWeights, exchange_file: str | None = None) -> P
             tensors[f"{proj}.router"] = site.router
     if weights.ffn_router is not None:
         tensors["ffn_router"] = weights.ffn_router
-    kinds = {proj: site.kind for proj, site in weights.sites.items()}
-    if exchange_file is not None:
-        try:
-            save_file({key: t.contiguous() for key, t in tensors.items()}, exchange_file)
-            return PackedWeights(weights.spec, weights.files, kinds, {}, exchange_file)
-        except (OSError, SafetensorError):  # no room, no folder: the pipe carries the bytes
-            with contextlib.suppress(OSError):
-                os.unlink(exchange_file)
-    packed = {key: PackedTensor.of(t) for key, t in tensors.items()}
-    return PackedWeights(weights.spec, weights.files, kinds, packed)
+    return tensors
 
 
 # Free space an exchange folder's filesystem keeps for other loads and processes: below it,
@@ -121,20 +111,39 @@ def _room_to_keep_mapped(exchange_file: str) -> bool:
     return stats.f_bavail * stats.f_frsize >= MIN_FREE_SHARED_BYTES
 
 
-def unpack_weights(packed: PackedWeights) -> AdapterWeights:
-    if packed.exchange_file is not None:
+def pack_weights(weights: AdapterWeights, exchange_file: str | None = None) -> PackedWeights:
+    """The weights as a skeleton plus their tensors: written into exchange_file (a path the
+    engine chose and owns: it removes or reuses the file whatever becomes of this worker) or,
+    where that cannot be written or is None, as raw bytes."""
+    tensors = _named_tensors(weights)
+    kinds = {proj: site.kind for proj, site in weights.sites.items()}
+    if exchange_file is not None:
         try:
-            tensors = load_file(packed.exchange_file)
-            # Mapped, the tensors keep the removed file's shared-memory pages for as long as
-            # the adapter stays in the host tier (on CUDA, pinning copies them anyway). That
-            # saves a copy where /dev/shm has room; in a small one (Docker's default: 64 MiB)
-            # the host tier would fill it and every later load would take the slower pipe.
-            if not _room_to_keep_mapped(packed.exchange_file):
-                tensors = {key: tensor.clone() for key, tensor in tensors.items()}
-        finally:
-            os.unlink(packed.exchange_file)
-    else:
+            places = write_tensors(tensors, exchange_file)
+            return PackedWeights(weights.spec, weights.files, kinds, {}, exchange_file, places)
+        except OSError:  # no room, no folder: the pipe carries the bytes
+            with contextlib.suppress(OSError):
+                os.unlink(exchange_file)  # a half-written file would hold memory of a full one
+    packed = {key: PackedTensor.of(t) for key, t in tensors.items()}
+    return PackedWeights(weights.spec, weights.files, kinds, packed)
+
+
+def unpack_weights(packed: PackedWeights) -> tuple[AdapterWeights, mmap.mmap | None]:
+    """The weights, and the mapping of the exchange file they view (None where they own their
+    memory): the file must not be written again while that mapping lives.
+
+    Mapped, the tensors are the adapter's host-tier copy, with no copy made (on CUDA, pinning
+    copies them anyway). In a small shared-memory folder (Docker's default /dev/shm: 64 MiB)
+    host-tier mappings would fill it and every later load would take the slower pipe, so
+    there they are copied out."""
+    if packed.exchange_file is None:
         tensors = {key: p.tensor() for key, p in packed.tensors.items()}
+        mapping = None
+    else:
+        tensors, mapping = map_tensors(packed.exchange_file, packed.file_tensors)
+        if mapping is not None and not _room_to_keep_mapped(packed.exchange_file):
+            tensors = {key: tensor.clone() for key, tensor in tensors.items()}
+            mapping = None  # the views are gone with the old dict: nothing maps the file
     sites = {
         proj: SiteWeights(
             kind=kind,
@@ -145,7 +154,8 @@ def unpack_weights(packed: PackedWeights) -> AdapterWeights:
         )
         for proj, kind in packed.site_kinds.items()
     }
-    return AdapterWeights(packed.spec, sites, tensors.get("ffn_router"), packed.files)
+    weights = AdapterWeights(packed.spec, sites, tensors.get("ffn_router"), packed.files)
+    return weights, mapping
 
 
 def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:

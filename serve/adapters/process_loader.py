@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import mmap
 import os
 import pickle
 import queue
@@ -14,13 +15,14 @@ import shutil
 import subprocess
 import sys
 import threading
-import uuid
 import weakref
 
-from safetensors import SafetensorError
-
 from mixserve.adapters.errors import AdapterError
-from mixserve.adapters.exchange_dirs import make_exchange_dir
+from mixserve.adapters.exchange_dirs import (
+    DEFAULT_MAX_SPARE_BYTES,
+    ExchangeFiles,
+    make_exchange_dir,
+)
 from mixserve.adapters.load_worker import KEEP_FREED_MEMORY_ENV, READY, unpack_weights
 from mixserve.adapters.weights import AdapterWeights
 from mixserve.model.arch import ArchConfig
@@ -76,18 +78,14 @@ class _Worker:
         name: str,
         path: str,
         arch: ArchConfig,
-        exchange_dir: str | None,
+        exchange_file: str | None,
         timeout_s: float | None = None,
-    ) -> AdapterWeights:
-        """One load; timeout_s bounds the worker's start (if it has not replied READY yet) and,
+    ) -> tuple[AdapterWeights, mmap.mmap | None]:
+        """One load, as unpack_weights returns it, its tensors through exchange_file where that
+        is not None; timeout_s bounds the worker's start (if it has not replied READY yet) and,
         separately, the time until its reply starts (reading, validating, stacking, writing the
         exchange file). A worker that misses either is killed and the load fails."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        exchange_file = (
-            None
-            if exchange_dir is None
-            else os.path.join(exchange_dir, f"{uuid.uuid4().hex}.safetensors")
-        )
         try:
             self.await_ready(timeout_s)
             pickle.dump((name, path, arch, exchange_file), self.proc.stdin, pickle.HIGHEST_PROTOCOL)
@@ -113,7 +111,7 @@ class _Worker:
             raise value
         try:
             return unpack_weights(value)
-        except (OSError, SafetensorError) as exc:  # its exchange file is gone or unreadable
+        except OSError as exc:  # its exchange file is gone or cut short
             raise AdapterError(name, f"the load worker's tensors are unreadable ({exc})") from exc
 
     def kill(self, exchange_file: str | None = None) -> None:
@@ -162,9 +160,11 @@ class ProcessLoader:
         load_timeout_s: float | None = None,
         *,
         keep_freed_memory: bool = False,
+        max_spare_bytes: int = DEFAULT_MAX_SPARE_BYTES,
     ) -> None:
         """keep_freed_memory: the workers raise glibc's thresholds as a CPU engine does
-        (cpu_memory.py; the engine passes its own choice)."""
+        (cpu_memory.py; the engine passes its own choice). max_spare_bytes: what exchange
+        files that nothing maps may keep for later loads."""
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
         self._max_workers = max_workers
@@ -175,6 +175,7 @@ class ProcessLoader:
         self._workers: list[_Worker] = []
         self._closed = False
         self.exchange_dir = make_exchange_dir()
+        self._exchange_files = ExchangeFiles(self.exchange_dir, max_spare_bytes)
         # A loader dropped without close() (an LLM that goes out of scope) still ends its
         # workers (they exit at the EOF on their stdin) and removes its exchange folder.
         self._finalizer = weakref.finalize(self, _hang_up, self._workers, self.exchange_dir)
@@ -252,13 +253,21 @@ class ProcessLoader:
 
     def __call__(self, name: str, path: str, arch: ArchConfig) -> AdapterWeights:
         worker = self._take()
+        exchange_file = self._exchange_files.take()
+        mapping = None
         try:
-            return worker.load(name, path, arch, self.exchange_dir, self._load_timeout_s)
+            weights, mapping = worker.load(name, path, arch, exchange_file, self._load_timeout_s)
+            return weights
         finally:
             with self._lock:
                 keep = worker.alive and not self._closed
                 if keep:
                     self._idle.put(worker)
+            if mapping is None:
+                # A killed worker may have been writing into its file: that one is removed.
+                self._exchange_files.give_back(exchange_file, reuse=keep)
+            else:  # the file is the adapter's host copy until its tensors are freed
+                weakref.finalize(mapping, self._exchange_files.give_back, exchange_file, reuse=True)
             if not keep:
                 self._drop(worker)
 
@@ -268,6 +277,7 @@ class ProcessLoader:
         drops it (and the last one removes the exchange folder)."""
         with self._lock:
             self._closed = True
+            self._exchange_files.close()
             idle = []
             while True:
                 try:

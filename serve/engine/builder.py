@@ -10,6 +10,7 @@ import torch
 
 from mixserve.adapters import AdapterPool, PoolShape, load_adapter
 from mixserve.adapters.config_parser import parse_adapter_config
+from mixserve.adapters.exchange_dirs import DEFAULT_MAX_SPARE_BYTES
 from mixserve.adapters.files import find_adapter_files, read_config
 from mixserve.adapters.loads import Loader
 from mixserve.adapters.pager import AdapterPager
@@ -108,7 +109,11 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
     loader: Loader = load_adapter
     if config.adapters.load_in_processes:
         process_loader = ProcessLoader(
-            num_load_workers, config.adapters.load_timeout_s, keep_freed_memory=tune_malloc
+            num_load_workers,
+            config.adapters.load_timeout_s,
+            keep_freed_memory=tune_malloc,
+            # Spare exchange files are host memory for adapters too: within the host budget.
+            max_spare_bytes=min(config.adapters.host_cache_bytes, DEFAULT_MAX_SPARE_BYTES),
         )
         process_loader.start()  # the worker imports torch while the model loads
         loader = process_loader

@@ -1,5 +1,5 @@
 """The load workers' exchange folders: a killed loader's folder is removed by the next one, and
-only where its process is known to be gone."""
+only where its process is known to be gone; the files in one are reused within a byte cap."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from mixserve.adapters.exchange_dirs import remove_stale_exchange_dirs
+from mixserve.adapters.exchange_dirs import ExchangeFiles, remove_stale_exchange_dirs
 
 
 def test_folders_of_dead_processes_are_removed(tmp_path):
@@ -31,3 +31,38 @@ def test_folders_of_dead_processes_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         names[k] for k in ("self", "parent", "other", "other_namespace")
     )
+
+
+def _written(path: str | None, size: int) -> str:
+    assert path is not None
+    with open(path, "wb") as file:
+        file.write(b"x" * size)
+    return path
+
+
+def test_files_given_back_are_reused_within_the_byte_cap(tmp_path):
+    files = ExchangeFiles(str(tmp_path), max_spare_bytes=250)
+    first, second, third = (_written(files.take(), 100) for _ in range(3))
+    assert len({first, second, third}) == 3, "a running load's file was handed out twice"
+    for path in (first, second, third):
+        files.give_back(path, reuse=True)
+    assert files.spare_bytes == 200 and not os.path.exists(third), "kept past the cap"
+    assert {files.take(), files.take()} == {first, second}
+    assert files.take() not in (first, second, third)  # no spare left: a new name
+
+
+def test_files_not_to_reuse_and_files_after_close_are_removed(tmp_path):
+    files = ExchangeFiles(str(tmp_path))
+    killed = _written(files.take(), 10)  # a killed worker may still have been writing it
+    files.give_back(killed, reuse=False)
+    assert not os.path.exists(killed)
+    late = _written(files.take(), 10)
+    files.close()
+    files.give_back(late, reuse=True)
+    assert not os.path.exists(late) and files.spare_bytes == 0
+    files.give_back(str(tmp_path / "never-written"), reuse=True)  # nothing to keep or remove
+    assert files.spare_bytes == 0
+
+
+def test_without_a_folder_every_load_takes_the_pipe():
+    assert ExchangeFiles(None).take() is None

@@ -9,6 +9,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -54,60 +55,118 @@ def test_pack_and_unpack_keep_every_tensor(tmp_path, arch, through):
     folder = {"pipe": None, "exchange_file": tmp_path / "x", "missing_folder": tmp_path / "gone"}
     if through == "exchange_file":
         folder[through].mkdir()
-    file = None if folder[through] is None else str(folder[through] / "w.safetensors")
+    file = None if folder[through] is None else str(folder[through] / "w.tensors")
     packed = pickle.loads(pickle.dumps(pack_weights(weights, file)))
     # Without a folder that takes the file, the bytes travel in the pickle.
     assert (packed.exchange_file is not None) == (through == "exchange_file")
     assert bool(packed.tensors) == (through != "exchange_file")
-    assert_same_weights(unpack_weights(packed), weights)
-    if through == "exchange_file":
-        assert not any(folder[through].iterdir())  # unpacking removes the file
+    unpacked, mapping = unpack_weights(packed)
+    assert (mapping is not None) == (through == "exchange_file")
+    assert_same_weights(unpacked, weights)
+
+
+def _mapped_files() -> str:
+    with open("/proc/self/maps") as maps:
+        return maps.read()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
-@pytest.mark.parametrize("room", [True, False])
+def test_the_mapping_lives_as_long_as_the_tensors_and_the_file_is_rewritten_in_place(
+    tmp_path, arch
+):
+    big = load_adapter("big", write(tmp_path, "big", "mixlora", seed=1), arch)
+    small = load_adapter("small", write(tmp_path, "small", None, seed=2), arch)
+    file = str(tmp_path / "w.tensors")
+    unpacked, mapping = unpack_weights(pack_weights(big, file))
+    freed = weakref.ref(mapping)
+    del mapping
+    gc.collect()
+    assert freed() is not None and file in _mapped_files(), "the tensors lost their memory"
+    assert_same_weights(unpacked, big)
+    del unpacked
+    gc.collect()
+    assert freed() is None and file not in _mapped_files(), "the file stays mapped"
+    size = os.path.getsize(file)
+    assert size >= big.nbytes
+    # The next load writes in place: the file keeps its size (and so its pages).
+    assert_same_weights(unpack_weights(pack_weights(small, file))[0], small)
+    assert os.path.getsize(file) == size, "the file was truncated: its pages would be fresh"
+    assert_same_weights(unpack_weights(pack_weights(big, file))[0], big)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+@pytest.mark.parametrize("room", ["plenty", "little", "unmeasurable"])
 def test_unpacked_tensors_keep_their_file_mapped_only_with_room_to_spare(
     tmp_path, arch, monkeypatch, room
 ):
     # Mapped, a host-tier adapter holds its file's shared-memory pages: a 64 MiB /dev/shm
     # (Docker's default) would fill after two adapters.
-    monkeypatch.setattr(load_worker, "MIN_FREE_SHARED_BYTES", 0 if room else 1 << 62)
+    monkeypatch.setattr(load_worker, "MIN_FREE_SHARED_BYTES", 1 << 62 if room == "little" else 0)
+    if room == "unmeasurable":
+
+        def no_statvfs(path):
+            raise OSError("statvfs failed")
+
+        monkeypatch.setattr(load_worker.os, "statvfs", no_statvfs)
     weights = load_adapter("a", write(tmp_path, "a", "mixlora", seed=1), arch)
-    file = str(tmp_path / "w.safetensors")
-    unpacked = unpack_weights(pack_weights(weights, file))
-    gc.collect()  # the mapping of the copied-out dict is dropped
-    with open("/proc/self/maps") as maps:
-        assert (file in maps.read()) == room
-    assert_same_weights(unpacked, weights)
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
-def test_an_exchange_folder_that_cannot_be_measured_gets_copies(tmp_path, arch, monkeypatch):
-    def no_statvfs(path):
-        raise OSError("statvfs failed")
-
-    monkeypatch.setattr(load_worker.os, "statvfs", no_statvfs)
-    weights = load_adapter("a", write(tmp_path, "a", "mixlora", seed=1), arch)
-    file = str(tmp_path / "w.safetensors")
-    unpacked = unpack_weights(pack_weights(weights, file))  # the read tensors are not lost
+    file = str(tmp_path / "w.tensors")
+    unpacked, mapping = unpack_weights(pack_weights(weights, file))
     gc.collect()
-    with open("/proc/self/maps") as maps:
-        assert file not in maps.read()
-    assert_same_weights(unpacked, weights)
+    assert (mapping is not None) == (room == "plenty")
+    assert (file in _mapped_files()) == (room == "plenty")
+    assert_same_weights(unpacked, weights)  # copied out, the read tensors are not lost
 
 
-def test_loads_leave_no_files_and_close_removes_the_exchange_folder(tmp_path, arch):
+def test_an_exchange_file_cut_short_fails_the_unpack(tmp_path, arch):
+    weights = load_adapter("a", write(tmp_path, "a", "mixlora", seed=1), arch)
+    file = str(tmp_path / "w.tensors")
+    packed = pack_weights(weights, file)
+    os.truncate(file, os.path.getsize(file) // 2)
+    with pytest.raises(OSError, match="holds .* bytes, its tensors"):
+        unpack_weights(packed)
+
+
+def test_loads_reuse_the_files_nothing_maps_and_close_removes_the_folder(tmp_path, arch):
     loader = ProcessLoader(max_workers=1)
     folder = loader.exchange_dir
     assert folder is not None and os.path.isdir(folder)
     try:
-        for i in range(2):
-            path = write(tmp_path, f"a{i}", "mixlora", seed=i)
-            assert_same_weights(loader(f"a{i}", path, arch), load_adapter(f"a{i}", path, arch))
-        assert os.listdir(folder) == []
+        paths = [write(tmp_path, f"a{i}", "mixlora", seed=i) for i in range(3)]
+        kept = loader("a0", paths[0], arch)  # its file stays mapped: the next load needs another
+        assert_same_weights(kept, load_adapter("a0", paths[0], arch))
+        assert len(os.listdir(folder)) == 1
+        for i in (1, 2):  # each one's tensors dropped before the next: one more file, reused
+            assert_same_weights(
+                loader(f"a{i}", paths[i], arch), load_adapter(f"a{i}", paths[i], arch)
+            )
+            gc.collect()
+            assert len(os.listdir(folder)) == 2
+        del kept
+        gc.collect()
+        assert len(os.listdir(folder)) == 2, "a spare file was removed"
     finally:
         loader.close()
     assert not os.path.exists(folder)
+
+
+def test_spare_files_past_the_byte_cap_are_removed(tmp_path, arch):
+    path = good_adapter(tmp_path)
+    one_file = ProcessLoader(max_workers=1)
+    try:
+        held = one_file("a", path, arch)
+        (name,) = os.listdir(one_file.exchange_dir)
+        size = os.path.getsize(os.path.join(one_file.exchange_dir, name))
+    finally:
+        one_file.close()
+    loader = ProcessLoader(max_workers=1, max_spare_bytes=size)
+    try:
+        held = [loader("a", path, arch) for _ in range(3)]  # three files, all mapped
+        assert len(os.listdir(loader.exchange_dir)) == 3
+        del held
+        gc.collect()
+        assert len(os.listdir(loader.exchange_dir)) == 1, "spares past the byte cap are kept"
+    finally:
+        loader.close()
 
 
 def test_an_unusable_exchange_folder_falls_back_to_the_pipe(tmp_path, arch):
