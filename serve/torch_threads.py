@@ -18,7 +18,7 @@ then sets its own count: the engine thread keeps its creator's count whatever a 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -63,13 +63,30 @@ class ComputeThreadBudget:
     @contextmanager
     def sharing_with(self, num_busy: int) -> Iterator[int]:
         """Runs the block with the thread count for num_busy busy CPUs; yields that count."""
+        with self.following(lambda: num_busy) as refresh:
+            yield refresh()
+
+    @contextmanager
+    def following(self, num_busy: Callable[[], int]) -> Iterator[Callable[[], int]]:
+        """Runs the block with the thread count for num_busy() busy CPUs, read at entry and
+        again at each call of the yielded refresh (which returns the count it set): a step
+        calls it between layers, so a load that ends mid-step gives its CPU back at the next
+        layer, not at the next step (a prefill step takes seconds on 2 vCPUs), and one that
+        starts takes it. The thread's own count is restored after the block."""
         own = torch.get_num_threads()
-        reduced = self.threads_for(own, num_busy)
-        if reduced == own:
-            yield own
-            return
-        torch.set_num_threads(reduced)
+        current = own
+
+        def refresh() -> int:
+            nonlocal current
+            wanted = self.threads_for(own, num_busy())
+            if wanted != current:
+                torch.set_num_threads(wanted)
+                current = wanted
+            return current
+
+        refresh()
         try:
-            yield reduced
+            yield refresh
         finally:
-            torch.set_num_threads(own)
+            if current != own:
+                torch.set_num_threads(own)

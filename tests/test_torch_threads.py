@@ -61,3 +61,49 @@ def test_engine_steps_run_with_fewer_threads_while_loads_run(two_threads, tmp_pa
     llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=params)
     assert seen == [2, 2, 1, 1]
     assert torch.get_num_threads() == 2
+
+
+def test_following_rereads_the_busy_cpus_at_each_refresh(two_threads):
+    budget = ComputeThreadBudget(2)
+    busy = [1]
+    with budget.following(lambda: busy[0]) as refresh:
+        assert torch.get_num_threads() == 1  # read at entry
+        busy[0] = 0
+        assert refresh() == 2 == torch.get_num_threads()
+        busy[0] = 2
+        assert refresh() == 1 == torch.get_num_threads()
+    assert torch.get_num_threads() == 2
+
+
+def test_a_load_that_ends_mid_step_gives_its_cpu_back_at_the_next_layer(
+    two_threads, tmp_path, monkeypatch
+):
+    from engine_support import make_model
+
+    from mixserve import LLM
+    from mixserve.adapters.pager import AdapterPager
+    from mixserve.types import SamplingParams
+
+    llm = LLM(make_model(str(tmp_path)))
+    core = llm.engine
+    core.cpu_threads = ComputeThreadBudget(2)
+    loads = [1]
+    monkeypatch.setattr(AdapterPager, "num_loads_running", property(lambda self: loads[0]))
+    per_layer: list[int] = []
+    execute = core.runner.execute
+
+    def load_ends_after_the_first_layer(plan, slots, between_layers=None):
+        assert between_layers is not None
+
+        def refresh():
+            between_layers()
+            per_layer.append(torch.get_num_threads())
+            loads[0] = 0
+
+        return execute(plan, slots, between_layers=refresh)
+
+    monkeypatch.setattr(core.runner, "execute", load_ends_after_the_first_layer)
+    llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=1))
+    num_layers = len(core.runner.model.weights.layers)
+    assert per_layer == [1] + [2] * (num_layers - 1)
+    assert torch.get_num_threads() == 2

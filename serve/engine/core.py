@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -136,7 +137,7 @@ class EngineCore:
         if not loaded or self.pager is None:
             return
         try:
-            with self._cpus_for_step(self.pager.num_loads_running):
+            with self._cpus_beside_loads():
                 self.pager.prefetch_slots(loaded, free_only=True)
         except Exception:  # noqa: BLE001 - e.g. out of device memory; the step still runs
             logger.exception("placing newly loaded adapters %s in free slots failed", loaded)
@@ -146,14 +147,13 @@ class EngineCore:
         plan: SchedulerOutput,
         adapters: set[str],
         num_prompt_tokens: int,
-        num_loads_running: int,
     ) -> list[TokenDelta]:
         try:
             # The slot copies too: with every thread while a load worker holds a CPU, their
             # OpenMP team waits on its descheduled member, as a step's would.
-            with self._cpus_for_step(num_loads_running):
+            with self._cpus_beside_loads() as refresh:
                 slots = self.pager.prepare(adapters) if adapters and self.pager is not None else {}
-                output = self.runner.execute(plan, slots)
+                output = self.runner.execute(plan, slots, between_layers=refresh)
         except Exception as exc:  # noqa: BLE001 - any failure of a step fails its requests only
             logger.exception("step failed; failing its %d sequences", len(plan.sequences))
             deltas: list[TokenDelta] = []
@@ -174,10 +174,12 @@ class EngineCore:
                     self._expert_counts.append((names[slot], counts))
         return deltas
 
-    def _cpus_for_step(self, num_loads_running: int) -> AbstractContextManager[object]:
-        if self.cpu_threads is None or self.pager is None:
+    def _cpus_beside_loads(self) -> AbstractContextManager[Callable[[], int] | None]:
+        """The step's torch threads follow the running loads (re-read between layers)."""
+        pager = self.pager
+        if self.cpu_threads is None or pager is None:
             return nullcontext()
-        return self.cpu_threads.sharing_with(num_loads_running)
+        return self.cpu_threads.following(lambda: pager.num_loads_running)
 
     def step(self) -> list[TokenDelta]:
         """Run one step; returns every request's new output (finished ones included)."""
@@ -193,7 +195,7 @@ class EngineCore:
         if plan.sequences:
             self.num_steps += 1
             start = time.perf_counter()
-            deltas += self._execute(plan, adapters, num_prompt_tokens, num_loads_running)
+            deltas += self._execute(plan, adapters, num_prompt_tokens)
             seconds = time.perf_counter() - start
         self._release_finished()
         self.last_report = StepReport(

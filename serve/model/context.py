@@ -7,7 +7,7 @@ files or slots' owners.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,3 +98,5 @@ class ForwardContext:
     kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V) [NB, BS, Hkv, D]
     logits_indices: torch.Tensor  # [N] int64 rows whose next-token logits are wanted
     lora: LoraBatch | None = None
+    # Called after each decoder layer (the engine's CPU thread budget follows running loads).
+    between_layers: Callable[[], object] | None = None

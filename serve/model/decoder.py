@@ -117,6 +117,8 @@ class DecoderModel:
                 layer_idx,
                 ctx.lora,
             )
+            if ctx.between_layers is not None:
+                ctx.between_layers()
         return h
 
     def forward(

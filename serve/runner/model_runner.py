@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -36,7 +36,10 @@ class ModelRunner:
         self.count_experts = False  # opt-in routing statistics (metrics)
 
     def prepare(
-        self, plan: SchedulerOutput, adapter_slots: Mapping[str, int]
+        self,
+        plan: SchedulerOutput,
+        adapter_slots: Mapping[str, int],
+        between_layers: Callable[[], object] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         """Flatten the plan: sequences in plan order, each sequence's new tokens in order."""
         bs = self.block_size
@@ -86,14 +89,18 @@ class ModelRunner:
             kv_caches=self.kv_caches,
             logits_indices=tensor(logits_indices),
             lora=lora,
+            between_layers=between_layers,
         )
         return tensor(input_ids), tensor(positions), ctx
 
     @torch.inference_mode()
     def _forward(
-        self, plan: SchedulerOutput, adapter_slots: Mapping[str, int]
+        self,
+        plan: SchedulerOutput,
+        adapter_slots: Mapping[str, int],
+        between_layers: Callable[[], object] | None = None,
     ) -> tuple[torch.Tensor, ForwardContext]:
-        input_ids, positions, ctx = self.prepare(plan, adapter_slots)
+        input_ids, positions, ctx = self.prepare(plan, adapter_slots, between_layers)
         return self.model.forward(input_ids, positions, ctx), ctx
 
     def compute_logits(
@@ -113,11 +120,17 @@ class ModelRunner:
             k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
             v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
 
-    def execute(self, plan: SchedulerOutput, adapter_slots: Mapping[str, int]) -> RunnerOutput:
+    def execute(
+        self,
+        plan: SchedulerOutput,
+        adapter_slots: Mapping[str, int],
+        between_layers: Callable[[], object] | None = None,
+    ) -> RunnerOutput:
+        """Run the plan's forward and sample; between_layers is called after each layer."""
         self.copy_blocks(plan.block_copies)
         if not plan.sequences:
             return RunnerOutput()
-        logits, ctx = self._forward(plan, adapter_slots)
+        logits, ctx = self._forward(plan, adapter_slots, between_layers)
         counts: dict[int, tuple[int, ...]] = {}
         if ctx.lora is not None and ctx.lora.expert_counts is not None:
             for slot, row in enumerate(ctx.lora.expert_counts.tolist()):

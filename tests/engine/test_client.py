@@ -94,11 +94,11 @@ def test_errors_inside_a_step_reach_the_requests(setup, monkeypatch):
     original = core.runner.execute
     calls = {"n": 0}
 
-    def flaky(plan, slots):
+    def flaky(plan, slots, between_layers=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("boom")
-        return original(plan, slots)
+        return original(plan, slots, between_layers)
 
     monkeypatch.setattr(core.runner, "execute", flaky)
 
