@@ -82,15 +82,28 @@ def remove_stale_exchange_dirs(root: str) -> None:
 DEFAULT_MAX_SPARE_BYTES = 1 << 30
 
 
+def _filesystem_bytes(folder: str | None) -> int:
+    if folder is None:
+        return 0
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return 0
+    return stats.f_blocks * stats.f_frsize
+
+
 class ExchangeFiles:
     """The exchange files of one loader's folder: a file per running load, and the files that
     nothing maps any more, kept for later loads (reused, never truncated, so a load writes
     into pages that exist: exchange_files.py) up to max_spare_bytes. Removing the folder
-    removes them all (the loader's close)."""
+    removes them all (the loader's close). The files of the host tier's adapters and the spares
+    stay named in the folder while the loader lives: an engine killed without its cleanup
+    leaves them until the next loader of its PID namespace removes its folder."""
 
     def __init__(self, folder: str | None, max_spare_bytes: int = DEFAULT_MAX_SPARE_BYTES) -> None:
         self.folder = folder  # None: no folder, every load takes the pipe
-        self.max_spare_bytes = max_spare_bytes
+        # At most a quarter of the folder's filesystem (Docker's /dev/shm is 64 MiB).
+        self.max_spare_bytes = min(max_spare_bytes, _filesystem_bytes(folder) // 4)
         self._spare: dict[str, int] = {}  # path -> size
         # Reentrant: a file comes back in a finalizer, which may run inside a garbage
         # collection on the thread that holds the lock.

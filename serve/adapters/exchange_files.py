@@ -14,13 +14,20 @@ the worker's CPU in a serving run, against 4 ms into a reused one (bench/RESULTS
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
 _ALIGN = 64  # bytes: each tensor starts on a cache line
+# A mapping keeps a duplicate of its file's descriptor unless told not to (Python 3.13+): with
+# one mapped file per host-tier adapter that would be an open file each (on older Pythons the
+# builder raises the soft limit on open files instead: process_loader.raise_open_files_limit).
+_NO_FD_KEPT = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +64,32 @@ def write_tensors(tensors: dict[str, torch.Tensor], path: str) -> dict[str, File
             places[key] = FileTensor(dtype, tuple(tensor.shape), offset)
             written = 0
             while written < raw.nbytes:  # a write may be short (a signal, a full filesystem)
-                written += os.pwrite(fd, raw[written:], offset + written)
+                count = os.pwrite(fd, raw[written:], offset + written)
+                if count == 0:
+                    raise OSError(errno.ENOSPC, f"no room to write {path}")
+                written += count
             offset += -(-raw.nbytes // _ALIGN) * _ALIGN
     finally:
         os.close(fd)
     return places
+
+
+def raise_open_files_limit() -> None:
+    """Where a mapping keeps its file open (Python < 3.13), lift this process's soft limit on
+    open files to its hard limit (or 65536 under an unlimited one): a host tier of small
+    adapters maps thousands of files, and a soft limit of 1024 is common. Process-wide, as
+    servers commonly do; a limit that cannot be raised is left as it is."""
+    if _NO_FD_KEPT:
+        return
+    try:
+        import resource
+    except ImportError:  # not POSIX: no exchange files either
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 16 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def map_tensors(
@@ -85,15 +113,22 @@ def map_tensors(
         # Shared (not private) and populated: the pages exist, so mapping them in one call
         # costs no fault per page, and a private writable map would copy each page instead.
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapping = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mapping = mmap.mmap(
+            fd, length, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, **_NO_FD_KEPT
+        )
+        if size > 2 * length:  # a spare file of a bigger adapter: its tail is memory unused
+            os.ftruncate(fd, length)
     finally:
         os.close(fd)
+    # The tensors view the mapping through one memoryview: while they live it holds an export,
+    # so the mapping cannot be closed under them (torch.frombuffer keeps only a reference).
+    view = memoryview(mapping)
     tensors = {}
     for key, place in places.items():
         dtype = getattr(torch, place.dtype)
         flat = (
             torch.frombuffer(
-                mapping, dtype=dtype, count=place.nbytes // dtype.itemsize, offset=place.offset
+                view, dtype=dtype, count=place.nbytes // dtype.itemsize, offset=place.offset
             )
             if place.nbytes
             else torch.empty(0, dtype=dtype)

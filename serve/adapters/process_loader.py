@@ -255,8 +255,10 @@ class ProcessLoader:
         worker = self._take()
         exchange_file = self._exchange_files.take()
         mapping = None
+        loaded = False
         try:
             weights, mapping = worker.load(name, path, arch, exchange_file, self._load_timeout_s)
+            loaded = True
             return weights
         finally:
             with self._lock:
@@ -264,8 +266,9 @@ class ProcessLoader:
                 if keep:
                     self._idle.put(worker)
             if mapping is None:
-                # A killed worker may have been writing into its file: that one is removed.
-                self._exchange_files.give_back(exchange_file, reuse=keep)
+                # A killed worker may have been writing into its file, and a failed unpack's
+                # traceback may still view it: only a load that succeeded gives its file back.
+                self._exchange_files.give_back(exchange_file, reuse=keep and loaded)
             else:  # the file is the adapter's host copy until its tensors are freed
                 weakref.finalize(mapping, self._exchange_files.give_back, exchange_file, reuse=True)
             if not keep:

@@ -11,6 +11,7 @@ import torch
 from mixserve.adapters import AdapterPool, PoolShape, load_adapter
 from mixserve.adapters.config_parser import parse_adapter_config
 from mixserve.adapters.exchange_dirs import DEFAULT_MAX_SPARE_BYTES
+from mixserve.adapters.exchange_files import raise_open_files_limit
 from mixserve.adapters.files import find_adapter_files, read_config
 from mixserve.adapters.loads import Loader
 from mixserve.adapters.pager import AdapterPager
@@ -112,9 +113,10 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
             num_load_workers,
             config.adapters.load_timeout_s,
             keep_freed_memory=tune_malloc,
-            # Spare exchange files are host memory for adapters too: within the host budget.
+            # Spare exchange files are host memory on top of the host tier's: at most its budget.
             max_spare_bytes=min(config.adapters.host_cache_bytes, DEFAULT_MAX_SPARE_BYTES),
         )
+        raise_open_files_limit()  # each host-tier adapter's file stays mapped
         process_loader.start()  # the worker imports torch while the model loads
         loader = process_loader
     try:

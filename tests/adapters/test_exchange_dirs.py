@@ -56,13 +56,19 @@ def test_files_not_to_reuse_and_files_after_close_are_removed(tmp_path):
     killed = _written(files.take(), 10)  # a killed worker may still have been writing it
     files.give_back(killed, reuse=False)
     assert not os.path.exists(killed)
+    files.give_back(str(tmp_path / "never-written"), reuse=True)  # nothing to keep or remove
+    assert files.spare_bytes == 0
     late = _written(files.take(), 10)
     files.close()
     files.give_back(late, reuse=True)
     assert not os.path.exists(late) and files.spare_bytes == 0
-    files.give_back(str(tmp_path / "never-written"), reuse=True)  # nothing to keep or remove
-    assert files.spare_bytes == 0
 
 
 def test_without_a_folder_every_load_takes_the_pipe():
     assert ExchangeFiles(None).take() is None
+
+
+def test_spares_take_at_most_a_quarter_of_the_filesystem(tmp_path):
+    stats = os.statvfs(tmp_path)
+    files = ExchangeFiles(str(tmp_path), max_spare_bytes=1 << 62)
+    assert files.max_spare_bytes == stats.f_blocks * stats.f_frsize // 4
