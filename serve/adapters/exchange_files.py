@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import mmap
 import os
 import sys
@@ -40,15 +41,17 @@ class FileTensor:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * getattr(torch, self.dtype).itemsize
+        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
 
 
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
     """A contiguous tensor's bytes, without a copy (any dtype, 0-d included)."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name getattr(torch, name) turns back into dtype, e.g. "float32"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], path: str) -> dict[str, FileTensor]:
@@ -59,9 +62,8 @@ def write_tensors(tensors: dict[str, torch.Tensor], path: str) -> dict[str, File
     try:
         offset = 0
         for key, tensor in tensors.items():
-            raw = _raw_bytes(tensor.detach().contiguous())
-            dtype = str(tensor.dtype).removeprefix("torch.")
-            places[key] = FileTensor(dtype, tuple(tensor.shape), offset)
+            raw = raw_bytes(tensor.detach().contiguous())
+            places[key] = FileTensor(dtype_name(tensor.dtype), tuple(tensor.shape), offset)
             written = 0
             while written < raw.nbytes:  # a write may be short (a signal, a full filesystem)
                 count = os.pwrite(fd, raw[written:], offset + written)

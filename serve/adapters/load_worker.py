@@ -38,7 +38,13 @@ from typing import IO, Any
 import torch
 
 from mixserve.adapters.errors import AdapterError
-from mixserve.adapters.exchange_files import FileTensor, map_tensors, write_tensors
+from mixserve.adapters.exchange_files import (
+    FileTensor,
+    dtype_name,
+    map_tensors,
+    raw_bytes,
+    write_tensors,
+)
 from mixserve.adapters.files import AdapterFiles
 from mixserve.adapters.spec import AdapterSpec, SiteKind
 from mixserve.adapters.weights import AdapterWeights, SiteWeights
@@ -61,9 +67,8 @@ class PackedTensor:
 
     @staticmethod
     def of(tensor: torch.Tensor) -> PackedTensor:
-        raw = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        return PackedTensor(dtype, tuple(tensor.shape), bytearray(raw))
+        raw = raw_bytes(tensor.detach().contiguous())
+        return PackedTensor(dtype_name(tensor.dtype), tuple(tensor.shape), bytearray(raw))
 
     def tensor(self) -> torch.Tensor:
         dtype = getattr(torch, self.dtype)

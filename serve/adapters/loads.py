@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -106,6 +107,10 @@ class LoadQueue:
             max_workers, thread_name_prefix="adapter-load", initializer=single_threaded_torch
         )
         self._pending: dict[Future[_Loaded], tuple[str, int]] = {}  # -> name, uid
+        # Loads a worker thread is running now. A count kept by the jobs, not a scan of the
+        # pending futures: a step reads it after every layer (ComputeThreadBudget.following).
+        self._num_running = 0
+        self._running_lock = threading.Lock()
         self.started = self.succeeded = self.failed = 0
         self.seconds = 0.0
 
@@ -115,11 +120,20 @@ class LoadQueue:
     @property
     def num_running(self) -> int:
         """Loads a worker is running now (queued ones excluded)."""
-        return sum(1 for future in self._pending if future.running())
+        return self._num_running
+
+    def _run_counted(self, *args: object) -> _Loaded:
+        with self._running_lock:
+            self._num_running += 1
+        try:
+            return _load_job(*args)  # type: ignore[arg-type]
+        finally:
+            with self._running_lock:
+                self._num_running -= 1
 
     def submit(self, name: str, path: str, uid: int) -> LoadTicket:
         args = (self._loader, name, path, self._arch, self._shape, uid, self.pin)
-        future = self._executor.submit(_load_job, *args)
+        future = self._executor.submit(self._run_counted, *args)
         self._pending[future] = (name, uid)
         self.started += 1
         return future
