@@ -17,10 +17,13 @@ import functools
 import torch
 
 # Bags read a group's weights once per assignment, a GEMM once per group: past this many
-# assignments per group the GEMM per group is the cheaper (measured on CPU, 2026-12-05: a shrink
-# of 512 assignments over 40 groups ran as fast either way at in = 576, 1.4x faster as GEMMs at
-# in = 1536; 64-256 assignments over 64-250 groups ran 1.2-3.4x faster as bags).
-MAX_BAG_ASSIGNMENTS_PER_GROUP = 6
+# assignments per group the GEMM per group is the cheaper. Measured on the AMD EPYC VM (2
+# threads, 2026-12-06) over the whole MoE FFN of 30 layers of SmolLM2's shape, r = 8, E = 4,
+# top-2, each layer's weights out of cache (bench/RESULTS.md, session 26): bags against GEMM
+# shrinks took 0.70x the time at 6 assignments per group, 0.75-0.80x at 8-10, 0.88x at 16, 0.93x
+# at 21, 0.97x at 29. (Shrinks timed alone, with x fixed, put the crossover elsewhere: the FFN's
+# own temporaries share the cache with the bags' reads.)
+MAX_BAG_ASSIGNMENTS_PER_GROUP = 32
 
 
 def bag_shrink(x_rows: torch.Tensor, lora_a: torch.Tensor, bags: RankBags) -> torch.Tensor:

@@ -190,7 +190,9 @@ def test_rows_without_selected_experts_get_zeros(shrink):
     [
         ([1] * 12, "bags"),  # decode: one row per adapter, top-2 of 8: ~1 pair per group
         ([3] * 6, "bags"),  # a few rows per adapter: at most 6 pairs per used group
-        ([96], "grouped"),  # a prefill chunk: 192 pairs over 8 groups
+        # One adapter's prefill chunk, top-2 of 8: count / 4 pairs in each of the 8 groups.
+        ([4 * reference.MAX_BAG_ASSIGNMENTS_PER_GROUP], "bags"),  # at the limit
+        ([4 * reference.MAX_BAG_ASSIGNMENTS_PER_GROUP + 4], "grouped"),  # one pair past it
     ],
 )
 def test_auto_shrink_by_pairs_per_group(counts, want, monkeypatch):
