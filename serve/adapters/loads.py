@@ -97,7 +97,12 @@ LoadTicket = Future  # identifies one submitted load
 
 
 class LoadQueue:
-    """A worker pool for `_load_job`. Engine-thread API; counters cover every finished load."""
+    """A worker pool for `_load_job`. Engine-thread API; counters cover every finished load.
+
+    A load may be submitted held: it gets its ticket at once but reaches a worker only at
+    `start` (an engine on CPU keeps loads that no request can use yet off the CPUs its
+    prefill steps need: docs/ARCHITECTURE.md, "Loads that wait their turn").
+    """
 
     def __init__(
         self, loader: Loader, arch: ArchConfig, shape: PoolShape, *, pin: bool, max_workers: int
@@ -107,6 +112,7 @@ class LoadQueue:
             max_workers, thread_name_prefix="adapter-load", initializer=single_threaded_torch
         )
         self._pending: dict[Future[_Loaded], tuple[str, int]] = {}  # -> name, uid
+        self._held: dict[Future[_Loaded], tuple[object, ...]] = {}  # -> job args, in order
         # Loads a worker thread is running now. A count kept by the jobs, not a scan of the
         # pending futures: a step reads it after every layer (ComputeThreadBudget.following).
         self._num_running = 0
@@ -131,17 +137,48 @@ class LoadQueue:
             with self._running_lock:
                 self._num_running -= 1
 
-    def submit(self, name: str, path: str, uid: int) -> LoadTicket:
+    @property
+    def num_held(self) -> int:
+        return len(self._held)
+
+    @property
+    def num_started(self) -> int:
+        """Loads queued for or running on a worker, not yet collected (held ones excluded)."""
+        return len(self._pending) - len(self._held)
+
+    def submit(self, name: str, path: str, uid: int, *, hold: bool = False) -> LoadTicket:
         args = (self._loader, name, path, self._arch, self._shape, uid, self.pin)
-        future = self._executor.submit(self._run_counted, *args)
+        if hold:
+            future: Future[_Loaded] = Future()
+            self._held[future] = args
+        else:
+            future = self._executor.submit(self._run_counted, *args)
+            self.started += 1
         self._pending[future] = (name, uid)
-        self.started += 1
         return future
+
+    def start(self, tickets: list[LoadTicket] | None = None) -> int:
+        """Hand held loads to the workers, in the order they were submitted: those of tickets
+        (others are ignored), or all. Returns how many started."""
+        chosen = list(self._held) if tickets is None else [t for t in tickets if t in self._held]
+        for ticket in chosen:
+            self._executor.submit(self._run_held, ticket, self._held.pop(ticket))
+        self.started += len(chosen)
+        return len(chosen)
+
+    def _run_held(self, ticket: Future[_Loaded], args: tuple[object, ...]) -> None:
+        if not ticket.set_running_or_notify_cancel():
+            return  # cancelled between start and now
+        try:
+            ticket.set_result(self._run_counted(*args))
+        except Exception as exc:  # the outcome of the load, collected like any other
+            ticket.set_exception(exc)
 
     def cancel(self, ticket: LoadTicket) -> None:
         """Drop a load nobody waits for; if it already runs, its outcome is still collected."""
         if ticket.cancel():
             self._pending.pop(ticket, None)
+            self._held.pop(ticket, None)
 
     def collect(self) -> list[tuple[LoadTicket, LoadOutcome]]:
         """Finished loads, without blocking."""
@@ -168,10 +205,11 @@ class LoadQueue:
         return LoadOutcome(AdapterLoadResult(name, uid, error, 0.0), None)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until some load finishes; False if none is pending or the timeout passed."""
-        if not self._pending:
+        """Block until some load finishes; False if none is started or the timeout passed."""
+        started = [f for f in self._pending if f not in self._held]
+        if not started:
             return False
-        done, _ = wait(list(self._pending), timeout=timeout, return_when=FIRST_COMPLETED)
+        done, _ = wait(started, timeout=timeout, return_when=FIRST_COMPLETED)
         return bool(done)
 
     def close(self) -> None:
@@ -179,8 +217,11 @@ class LoadQueue:
         (ProcessLoader) is closed first, which fails its running loads at once; in-process
         loads are let finish."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        for ticket in self._pending:  # held ones, and started ones the shutdown dropped
+            ticket.cancel()
         close_loader = getattr(self._loader, "close", None)  # ProcessLoader
         if close_loader is not None:
             close_loader()
         self._executor.shutdown(wait=True)
         self._pending.clear()
+        self._held.clear()

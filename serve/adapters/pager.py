@@ -112,14 +112,15 @@ class AdapterPager:
 
     # Requests
 
-    def acquire(self, name: str) -> int:
+    def acquire(self, name: str, *, hold: bool = False) -> int:
         """A request starts using the adapter: returns the uid of the weights it will be served
         and starts a background load if no copy is in memory or loading.
 
         When the adapter is idle its files are checked first, so a rewrite is picked up (stale
         copies are dropped); while requests use it, new requests share their copy. Raises
         AdapterNotFoundError for an unknown name, one being unloaded, or missing files (then
-        nothing changed).
+        nothing changed). hold: a load started now waits for `start_loads` (an engine on CPU);
+        without it, a held load of the adapter starts now.
         """
         entry = self._entry(name)
         if entry.unloading:
@@ -131,7 +132,9 @@ class AdapterPager:
                 self._drop_copies(name)
             entry.uid = current
         if entry.loading is None and not self.is_ready(name):
-            self._submit(name, entry)
+            self._submit(name, entry, hold=hold)
+        elif entry.loading is not None and not hold:
+            self._loads.start([entry.loading])  # no-op unless it is held
         entry.in_flight += 1
         assert entry.uid is not None
         return entry.uid
@@ -179,9 +182,26 @@ class AdapterPager:
 
     # Background loads
 
-    def _submit(self, name: str, entry: _Entry) -> None:
+    def _submit(self, name: str, entry: _Entry, *, hold: bool = False) -> None:
         assert entry.uid is not None and entry.loading is None
-        entry.loading = self._loads.submit(name, entry.path, entry.uid)
+        entry.loading = self._loads.submit(name, entry.path, entry.uid, hold=hold)
+
+    def start_loads(self, names: Iterable[str] | None = None) -> int:
+        """Start the held loads of names (unknown, ready or already started ones are skipped),
+        or every held load; returns how many started."""
+        if names is None:
+            return self._loads.start()
+        tickets = [e.loading for n in names if (e := self._entries.get(n)) and e.loading]
+        return self._loads.start(tickets) if tickets else 0
+
+    @property
+    def num_loads_held(self) -> int:
+        return self._loads.num_held
+
+    @property
+    def num_loads_started(self) -> int:
+        """Loads queued for or running on a worker (held ones excluded)."""
+        return self._loads.num_started
 
     def poll(self) -> list[AdapterLoadResult]:
         """Collect finished background loads (never blocks). A success goes into the host

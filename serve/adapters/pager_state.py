@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 class AdapterState(str, enum.Enum):
     NOT_LOADED = "not_loaded"  # only on disk
-    LOADING = "loading"  # a background load is running (or finished and not yet polled)
+    LOADING = "loading"  # a background load is held, queued, running, or finished not yet polled
     HOST = "host"  # in the host cache, in no slot
     SLOT = "slot"  # in a slot (and maybe in the host cache too)
 

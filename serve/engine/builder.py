@@ -198,7 +198,11 @@ def _assemble_engine(
     )
     return BuiltEngine(
         EngineCore(
-            runner, scheduler, pager, ComputeThreadBudget() if device.type == "cpu" else None
+            runner,
+            scheduler,
+            pager,
+            ComputeThreadBudget() if device.type == "cpu" else None,
+            hold_ahead_loads=device.type == "cpu",
         ),
         model_dir,
         tokenizer,

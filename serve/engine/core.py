@@ -65,12 +65,18 @@ class EngineCore:
         scheduler: Scheduler,
         pager: AdapterPager | None,
         cpu_threads: ComputeThreadBudget | None = None,
+        *,
+        hold_ahead_loads: bool = False,
     ) -> None:
-        """cpu_threads: on a CPU device, steps share the CPUs with running adapter loads."""
+        """cpu_threads: on a CPU device, steps share the CPUs with running adapter loads.
+        hold_ahead_loads: a load starts only once its request is among those admitted next,
+        or a step ran without prompt tokens (`_start_due_loads`); for CPU engines, where a
+        load takes a CPU from the steps."""
         self.runner = runner
         self.scheduler = scheduler
         self.pager = pager
         self.cpu_threads = cpu_threads
+        self.hold_ahead_loads = hold_ahead_loads
         self.num_steps = 0
         self.last_step_ran = False  # False: nothing was schedulable (e.g. adapters still loading)
         self.last_report = StepReport(False, 0, (), (), ())
@@ -96,7 +102,7 @@ class EngineCore:
         if adapter is not None:
             if self.pager is None:
                 raise AdapterError(adapter, "this engine serves no adapters")
-            key = (adapter, self.pager.acquire(adapter))
+            key = (adapter, self.pager.acquire(adapter, hold=self.hold_ahead_loads))
         try:
             self.scheduler.add_request(request_id, prompt_token_ids, sampling, adapter, key)
         except ValueError:
@@ -142,6 +148,25 @@ class EngineCore:
         except Exception:  # noqa: BLE001 - e.g. out of device memory; the step still runs
             logger.exception("placing newly loaded adapters %s in free slots failed", loaded)
 
+    def _start_due_loads(self) -> None:
+        """Held loads start when a request can use them next: its sequence is among those the
+        running cap admits next. All of them start once a step ran without prompt tokens: a
+        load beside a prefill step cost more than beside decode steps (bench/RESULTS.md,
+        session 26)."""
+        pager = self.pager
+        if pager is None or not pager.num_loads_held:
+            return
+        pager.start_loads(self.scheduler.next_admission_adapters())
+        if self.last_report.ran and self.last_report.num_prompt_tokens == 0:
+            pager.start_loads()
+
+    def _start_loads_if_stalled(self) -> None:
+        """Nothing could be scheduled: if no started load is left to wait for either, start
+        the held ones (no request waits on them now, but an idle engine loses nothing)."""
+        pager = self.pager
+        if pager is not None and pager.num_loads_held and pager.num_loads_started == 0:
+            pager.start_loads()
+
     def _execute(
         self,
         plan: SchedulerOutput,
@@ -185,9 +210,12 @@ class EngineCore:
         """Run one step; returns every request's new output (finished ones included)."""
         deltas = self._fail_load_errors()
         self._place_new_loads()
+        self._start_due_loads()
         ready = self.pager.is_ready if self.pager is not None else (lambda _: True)
         plan = self.scheduler.schedule(ready)
         self.last_step_ran = bool(plan.sequences)
+        if not plan.sequences:
+            self._start_loads_if_stalled()
         adapters = {s.adapter for s in plan.sequences if s.adapter is not None}
         num_prompt_tokens = _prompt_positions(plan)
         num_loads_running = self.pager.num_loads_running if self.pager is not None else 0

@@ -122,9 +122,6 @@ class RequestQueues:
         seq = self._seqs.get(seq_id)
         return seq.request.request_id if seq is not None else None
 
-    def waiting_adapters(self) -> set[str]:
-        return {s.request.adapter for s in self.waiting if s.request.adapter is not None}
-
     def drain_queue_times(self) -> list[float]:
         """Queue times (arrival to first scheduled) of requests first scheduled since last call."""
         times, self._queue_times = self._queue_times, []

@@ -48,6 +48,13 @@ class Scheduler(RequestQueues):
 
     # -- scheduling ----------------------------------------------------------------------------
 
+    def next_admission_adapters(self) -> list[str]:
+        """Adapters of the waiting sequences that the running cap admits next, in queue order,
+        each once: the loads the next steps can use."""
+        seats = max(self.config.max_num_seqs - len(self.running), 0)
+        adapters = (seq.request.adapter for seq in self.waiting[:seats])
+        return list(dict.fromkeys(a for a in adapters if a is not None))
+
     def _plan_entry(self, seq: Sequence, num_new: int) -> ScheduledSequence:
         request = seq.request
         start = seq.num_computed_tokens

@@ -141,6 +141,21 @@ def test_loading_adapter_waits_without_holding_up_others():
     assert outputs[("slow", 0)] == expected([1, 2, 3], 6)
 
 
+def test_next_admission_adapters_are_those_the_running_cap_lets_in():
+    sched, runner = make(max_seqs=3)
+    for rid, adapter in [("r0", "a"), ("r1", None), ("r2", "a"), ("r3", "b"), ("r4", "c")]:
+        key = None if adapter is None else (adapter, 1)
+        sched.add_request(rid, [1, 2, 3], GREEDY, adapter, key)
+    assert sched.next_admission_adapters() == ["a"]  # r0..r2: three seats
+    plan = sched.schedule(lambda name: name != "a")  # a is loading: r1, r3 and r4 run
+    assert {s.adapter for s in plan.sequences} == {None, "b", "c"}
+    assert sched.next_admission_adapters() == []  # no seat: nothing waits on a's load yet
+    sched.update(plan, runner.execute(plan))
+    outputs, _ = run(sched, runner)
+    assert sched.next_admission_adapters() == []
+    assert set(outputs) == {(f"r{i}", 0) for i in range(5)}
+
+
 def test_preemption_recomputes_and_gives_the_same_outputs():
     prompts = {f"r{i}": [i + 1] * (6 + i) for i in range(6)}
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -63,7 +63,9 @@ def write(tmp_path, name: str, strategy: str | None = None, seed: int = 0, **kw)
 
 
 def settle(pager: AdapterPager) -> list[AdapterLoadResult]:
-    """Poll until no adapter is loading; waits on the load futures, not on a clock."""
+    """Start any held load, then poll until no adapter is loading; waits on the load futures,
+    not on a clock."""
+    pager.start_loads()
     results = pager.poll()
     while pager.stats().loading:
         assert pager.wait(60), "a background load did not finish"
