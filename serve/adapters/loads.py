@@ -146,6 +146,9 @@ class LoadQueue:
         """Loads queued for or running on a worker, not yet collected (held ones excluded)."""
         return len(self._pending) - len(self._held)
 
+    def is_held(self, ticket: LoadTicket) -> bool:
+        return ticket in self._held
+
     def submit(self, name: str, path: str, uid: int, *, hold: bool = False) -> LoadTicket:
         args = (self._loader, name, path, self._arch, self._shape, uid, self.pin)
         if hold:

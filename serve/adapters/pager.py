@@ -149,6 +149,9 @@ class AdapterPager:
             self._finish_unload(name, entry)
             return True
         if entry.in_flight == 0:
+            if entry.loading is not None and self._loads.is_held(entry.loading):
+                self._loads.cancel(entry.loading)  # held for requests that are gone
+                entry.loading = entry.uid = None  # nothing of it is resident or loading
             self._trim_host()  # its host copy may have just lost its protection
         return False
 

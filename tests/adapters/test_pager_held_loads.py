@@ -88,6 +88,23 @@ def test_an_unloaded_adapter_drops_its_held_load(make_pager: MakePager, tmp_path
     assert not pager.has_source("a")
 
 
+def test_a_held_load_nobody_uses_any_more_is_dropped(make_pager: MakePager, tmp_path):
+    loader = ScriptedLoader()
+    pager = make_pager(loader=loader)
+    pager.add_source("a", write(tmp_path, "a", "mixlora"))
+    pager.acquire("a", hold=True)
+    pager.acquire("a", hold=True)
+    pager.release("a")
+    assert pager.num_loads_held == 1  # one request still waits for it
+    pager.release("a")
+    assert pager.num_loads_held == 0
+    assert pager.state("a") is AdapterState.NOT_LOADED
+    assert pager.start_loads() == 0 and loader.calls == {}
+    pager.acquire("a")  # a later request loads it afresh
+    assert [r.ok for r in settle(pager)] == [True]
+    assert loader.calls == {"a": 1}
+
+
 def test_close_cancels_held_loads(make_pager: MakePager, tmp_path):
     loader = ScriptedLoader()
     pager = make_pager(loader=loader)
