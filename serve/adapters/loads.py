@@ -128,15 +128,6 @@ class LoadQueue:
         """Loads a worker is running now (queued ones excluded)."""
         return self._num_running
 
-    def _run_counted(self, *args: object) -> _Loaded:
-        with self._running_lock:
-            self._num_running += 1
-        try:
-            return _load_job(*args)  # type: ignore[arg-type]
-        finally:
-            with self._running_lock:
-                self._num_running -= 1
-
     @property
     def num_held(self) -> int:
         return len(self._held)
@@ -150,32 +141,42 @@ class LoadQueue:
         return ticket in self._held
 
     def submit(self, name: str, path: str, uid: int, *, hold: bool = False) -> LoadTicket:
-        args = (self._loader, name, path, self._arch, self._shape, uid, self.pin)
-        if hold:
-            future: Future[_Loaded] = Future()
-            self._held[future] = args
-        else:
-            future = self._executor.submit(self._run_counted, *args)
-            self.started += 1
-        self._pending[future] = (name, uid)
-        return future
+        """A ticket for the load, which a worker runs now or, held, once `start` names it."""
+        ticket: Future[_Loaded] = Future()
+        self._held[ticket] = (self._loader, name, path, self._arch, self._shape, uid, self.pin)
+        self._pending[ticket] = (name, uid)
+        if not hold:
+            self.start([ticket])
+        return ticket
 
     def start(self, tickets: list[LoadTicket] | None = None) -> int:
         """Hand held loads to the workers, in the order they were submitted: those of tickets
         (others are ignored), or all. Returns how many started."""
         chosen = list(self._held) if tickets is None else [t for t in tickets if t in self._held]
         for ticket in chosen:
-            self._executor.submit(self._run_held, ticket, self._held.pop(ticket))
+            self._executor.submit(self._run, ticket, self._held.pop(ticket))
         self.started += len(chosen)
         return len(chosen)
 
-    def _run_held(self, ticket: Future[_Loaded], args: tuple[object, ...]) -> None:
+    def _run(self, ticket: Future[_Loaded], args: tuple[object, ...]) -> None:
+        """On a worker thread: the load, counted in num_running until just before its ticket
+        is done (a caller woken by the ticket sees the count without it)."""
         if not ticket.set_running_or_notify_cancel():
-            return  # cancelled between start and now
+            return  # cancelled while it waited for a worker
+        with self._running_lock:
+            self._num_running += 1
+        error: Exception | None = None
         try:
-            ticket.set_result(self._run_counted(*args))
+            loaded = _load_job(*args)  # type: ignore[arg-type]
         except Exception as exc:  # the outcome of the load, collected like any other
-            ticket.set_exception(exc)
+            error = exc
+        finally:
+            with self._running_lock:
+                self._num_running -= 1
+        if error is not None:
+            ticket.set_exception(error)
+        else:
+            ticket.set_result(loaded)
 
     def cancel(self, ticket: LoadTicket) -> None:
         """Drop a load nobody waits for; if it already runs, its outcome is still collected."""
@@ -220,7 +221,7 @@ class LoadQueue:
         (ProcessLoader) is closed first, which fails its running loads at once; in-process
         loads are let finish."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-        for ticket in self._pending:  # held ones, and started ones the shutdown dropped
+        for ticket in self._pending:  # held ones, and queued ones the shutdown dropped
             ticket.cancel()
         close_loader = getattr(self._loader, "close", None)  # ProcessLoader
         if close_loader is not None:
