@@ -220,3 +220,56 @@ def test_auto_shrink_by_pairs_per_group(counts, want, monkeypatch):
     want_hidden, want_delta = _naive(*case)
     torch.testing.assert_close(got[0].double(), want_hidden, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1].double(), want_delta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shrink", ["bags", "grouped"])
+@pytest.mark.parametrize("rows_in_order", [True, False])
+def test_rows_with_different_numbers_of_experts(shrink, rows_in_order):
+    """Top-p and DynMoLE routing select 1 .. E experts per row: the pairs of each row are
+    gathered and summed by row rather than as a [N, k] view."""
+    case = list(
+        _case(13, tokens=30, slots_used=[0, 2, 3], num_slots=4, experts=6, k=2, dtype=torch.float32)
+    )
+    gen = torch.Generator().manual_seed(5)
+    num_rows = len(case[2])
+    if rows_in_order:
+        case[2] = torch.arange(num_rows)
+        case[1] = case[1][:num_rows]
+        case[0] = case[0][:num_rows]
+    keep = torch.rand(num_rows, 6, generator=gen) < torch.linspace(0.1, 0.9, num_rows)[:, None]
+    keep[:, 0] |= ~keep.any(1)  # every row at least one expert
+    case[4] = torch.rand(num_rows, 6, generator=gen) * keep
+    assert len(set((case[4] > 0).sum(1).tolist())) > 2
+    hidden, delta = reference.moe_lora_ffn(*case, F.silu, shrink=shrink)
+    want_hidden, want_delta = _naive(*case)
+    torch.testing.assert_close(hidden.double(), want_hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(delta.double(), want_delta, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_k_over_every_row_gathers_no_base_rows(monkeypatch):
+    """Every token routed with the same k: the base projections broadcast onto the pairs, so
+    gate_up is never gathered (the [P, 2I] copy that sorted pairs paid)."""
+    case = list(
+        _case(19, tokens=16, slots_used=[0, 1], num_slots=2, experts=4, k=2, dtype=torch.float32)
+    )
+    case[2] = torch.arange(16)
+    case[3] = torch.tensor([0] * 8 + [1] * 8)
+    case[4] = torch.zeros(16, 4).scatter_(
+        1, torch.stack([torch.arange(16) % 4, (torch.arange(16) + 1) % 4], 1), 0.5
+    )
+    gate_up = case[1]
+    gathered: list[torch.Tensor] = []
+    real_index_select = torch.Tensor.index_select
+
+    def spy(self, dim, index):
+        if self is gate_up or self.data_ptr() == gate_up.data_ptr():
+            gathered.append(index)
+        return real_index_select(self, dim, index)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", spy)
+    hidden, delta = reference.moe_lora_ffn(*case, F.silu, shrink="bags")
+    monkeypatch.undo()
+    assert gathered == []
+    want_hidden, want_delta = _naive(*case)
+    torch.testing.assert_close(hidden.double(), want_hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(delta.double(), want_delta, rtol=1e-5, atol=1e-6)
