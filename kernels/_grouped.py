@@ -1,14 +1,12 @@
 """Segmented (grouped) matrix multiply shared by the torch reference implementations.
 
 Rows of one group that are consecutive rows of the step (a prefill chunk of one adapter) need no
-gather at all: `row_runs` finds them, and callers run each as plain GEMMs on row slices. For the
-rest, three ways to the same function, picked per call:
-- groups of few rows (at most 8; decode steps: a few rows per adapter), with at most ~4 padding
-  rows per real one: the rows padded into [groups, max rows, K] and one batched GEMM
-  (`PaddedGroups`, which callers may build once and reuse). On CPU this is 3-6x faster than
-  grouped_mm, which runs one small GEMM per group. Where a few groups have more rows than that
-  (a popular adapter beside many with one or two), `split_past_padded_rows` cuts the rows into
-  levels that each take the padded layout;
+gather at all: `row_runs` finds them, and callers run each as plain GEMMs on row slices. For
+`grouped_matmul`, three ways to the same function, picked per call:
+- groups of few rows (at most 8), with at most ~4 padding rows per real one: the rows padded
+  into [groups, max rows, K] and one batched GEMM (`PaddedGroups`, which callers may build once
+  with `padded_groups` and reuse). On CPU this is 3-6x faster than grouped_mm, which runs one
+  small GEMM per group;
 - `torch.nn.functional.grouped_mm`: one GEMM per group over jagged row ranges in a single call (on
   CPU too, for fp32/bf16/fp16) as long as every stride is a multiple of 16 bytes;
 - where a layout does not qualify, or the group range is mostly empty (each group, empty or not,
@@ -89,59 +87,14 @@ class PaddedGroups:
 
 def padded_groups(sorted_group_ids: torch.Tensor) -> PaddedGroups | None:
     """The padded layout of rows whose groups are sorted_group_ids ([P] int64, non-decreasing),
-    or None where it does not pay: a group past _MAX_PADDED_ROWS rows, or more than ~4 padding
-    rows per real one (up to there, padded rows cost about what the groups' weights do, while
-    grouped_mm pays a GEMM call per group: many adapters with 1-2 rows each in a decode step)."""
+    or None where it does not pay for grouped_matmul: a group past _MAX_PADDED_ROWS rows, or
+    more than ~4 padding rows per real one."""
     if sorted_group_ids.shape[0] == 0:
         return None
     group_lo = int(sorted_group_ids[0])
     return _padded_from_counts(
         sorted_group_ids, group_lo, torch.bincount(sorted_group_ids - group_lo)
     )
-
-
-# What one more padded layout costs (its gathers, two batched GEMMs and the scatter) in padded
-# places, for choosing where split_past_padded_rows cuts.
-_LAYOUT_COST_PLACES = 32
-
-
-def _split_places(counts: list[int], head_rows: int) -> int:
-    """Padded places of a head of head_rows rows per group plus the tail levels after it."""
-    places = len(counts) * head_rows
-    lo = head_rows
-    while True:
-        level = [min(c - lo, _MAX_PADDED_ROWS) for c in counts if c > lo]
-        if not level:
-            return places
-        places += len(level) * max(level) + _LAYOUT_COST_PLACES
-        lo += _MAX_PADDED_ROWS
-
-
-def split_past_padded_rows(sorted_group_ids: torch.Tensor) -> list[torch.Tensor] | None:
-    """Where some group has more than _MAX_PADDED_ROWS rows (a popular adapter's decode rows
-    beside adapters with one or two), the padded layout does not take the rows as a whole:
-    split them into levels that each take one: a head, the first m rows of every group, then
-    the next _MAX_PADDED_ROWS rows of each group that has more, and so on. m is picked to
-    minimise the padded places. Returns each level's positions ([P_i] int64, each still sorted
-    by group), or None where no group is past the limit or where fewer than 3/4 of the groups
-    lie wholly in the head (then most groups have many rows, and per-group GEMMs do better)."""
-    if sorted_group_ids.shape[0] == 0:
-        return None
-    group_lo = int(sorted_group_ids[0])
-    counts = torch.bincount(sorted_group_ids - group_lo)
-    used_counts = [c for c in counts.tolist() if c]
-    if max(used_counts) <= _MAX_PADDED_ROWS:
-        return None
-    head_rows = min(range(1, _MAX_PADDED_ROWS + 1), key=lambda m: _split_places(used_counts, m))
-    if 4 * sum(c <= head_rows for c in used_counts) < 3 * len(used_counts):
-        return None
-    places = places_in_groups(sorted_group_ids - group_lo, counts)  # [P]
-    # Level of each row: 0 in the head, then 1, 2, ... per _MAX_PADDED_ROWS rows past it.
-    level = torch.div(
-        places - head_rows + _MAX_PADDED_ROWS, _MAX_PADDED_ROWS, rounding_mode="floor"
-    ).clamp_(min=0)
-    num_levels = (max(used_counts) - head_rows + _MAX_PADDED_ROWS - 1) // _MAX_PADDED_ROWS + 1
-    return [torch.nonzero(level == i, as_tuple=True)[0] for i in range(num_levels)]
 
 
 # A run of consecutive rows in one group as plain GEMMs on row slices: no gather, scatter or
@@ -202,7 +155,9 @@ def places_in_groups(sorted_group_of: torch.Tensor, counts: torch.Tensor) -> tor
 def _padded_from_counts(
     sorted_group_ids: torch.Tensor, group_lo: int, counts: torch.Tensor
 ) -> PaddedGroups | None:
-    """padded_groups, given counts [G] of the rows of groups group_lo, group_lo + 1, ..."""
+    """padded_groups, given counts [G] of the rows of groups group_lo, group_lo + 1, ... (up to
+    ~4 padding rows per real one, padded rows cost about what the groups' weights do, while
+    grouped_mm pays a GEMM call per group)."""
     num_rows = sorted_group_ids.shape[0]
     max_rows = int(counts.max())
     max_padded = 4 * num_rows + 16

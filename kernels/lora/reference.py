@@ -1,4 +1,5 @@
-"""Pure-torch routed LoRA on top of one segmented GEMM per call.
+"""Pure-torch routed LoRA: prefill chunks as GEMMs on row slices, other rows as weighted bags;
+lora_shrink / lora_expand, the separate ops, as grouped GEMMs and rank-row bags.
 
 Padded Segments (from a device builder) are trimmed to their valid prefix first (a host sync:
 fine here, the reference is the CPU path). Ranks are not masked: padded A rows / B columns are
@@ -14,13 +15,11 @@ import torch
 from mixserve.kernels._grouped import (
     PaddedGroups,
     RowRuns,
-    dense_range_is_cheaper,
     grouped_matmul,
     padded_groups,
     row_runs,
-    split_past_padded_rows,
 )
-from mixserve.kernels._rank_bags import RankBags, bag_expand
+from mixserve.kernels._rank_bags import RankBags, bag_expand, bag_shrink
 from mixserve.kernels.assignments.segments import Segments
 
 
@@ -68,17 +67,31 @@ def lora_expand(
         out[:count] += delta.to(out.dtype)
 
 
+# The padded strategy while its layout has at most this many places per assignment: the
+# padding's gathers and GEMM rows cost less than bags' per-assignment weight reads only while
+# there is little of it. On the Intel Xeon VM (2026-12-06, q/k/v + o of 30 layers, 64 decode
+# rows over 48 adapters): padded 1.5 places a row 0.93x the bags' time, 2.25 0.94x, 3 1.0x,
+# ~4 (rows drawn at random) 1.27x, a popular adapter's levels (zipf) 2x (bench/RESULTS.md,
+# session 27).
+MAX_PADDED_PLACES_PER_ROW = 2.5
+
+
 def _padded_layout(
     segments: Segments,
 ) -> tuple[PaddedGroups, torch.Tensor, torch.Tensor] | None:
-    """padded_groups of the (trimmed) segments; for each of its U * M places, the row it reads
-    and adds to; the weights padded to [U, M, 1]. Built once per Segments. A padding place takes
-    the first assignment's row: its coef is 0, so it adds zeros to that row (non-finite x there
-    already makes the row's own delta non-finite)."""
+    """padded_groups of the (trimmed) segments where it has at most MAX_PADDED_PLACES_PER_ROW
+    places per assignment; for each of its U * M places, the row it reads and adds to; the
+    weights padded to [U, M, 1]. Built once per Segments. A padding place takes the first
+    assignment's row: its coef is 0, so it adds zeros to that row (non-finite x there already
+    makes the row's own delta non-finite)."""
 
     def build() -> tuple[PaddedGroups, torch.Tensor, torch.Tensor] | None:
         padded = padded_groups(segments.group_ids)
-        if padded is None:
+        count = segments.num_assignments
+        if (
+            padded is None
+            or padded.num_groups * padded.max_rows > MAX_PADDED_PLACES_PER_ROW * count
+        ):
             return None
         place_rows = segments.row_ids[:1].repeat(padded.num_groups * padded.max_rows)
         place_rows.index_copy_(0, padded.flat_pos, segments.row_ids)
@@ -185,22 +198,19 @@ def lora_apply(
     out: torch.Tensor,
     group_scale: torch.Tensor | None = None,
 ) -> None:
-    """Shrink then expand, by one of four equivalent strategies. coef [P], or None with
-    group_scale [G]: coef = segments.weights * group_scale[group_ids] (the padded strategy then
-    scales each group's rows at once, from the layout's memo).
+    """Shrink then expand, by two equivalent strategies. coef [P], or None with group_scale
+    [G]: coef = segments.weights * group_scale[group_ids].
 
     - runs: assignments whose rows are consecutive rows of one group (prefill chunks), at least
-      MIN_RUN_ROWS of them, as plain GEMMs on row slices; the rest by one of:
-    - padded, whenever the groups have few rows (decode steps): rows padded into [groups, max
-      rows] and two batched GEMMs. Its layout is built once per Segments, so the plain-LoRA rows
-      of a step pay for it once, not at every layer and site. A few groups with more rows than
-      it takes (a popular adapter's decode rows) run as padded levels (split_past_padded_rows).
-      Otherwise the cheaper of:
-    - segmented: lora_shrink + lora_expand over the assignments (work scales with P);
-    - dense over the step's group range [lo, hi): every row of x against every group's A and B as
-      two plain GEMMs, masked by a [rows, groups] matrix holding each assignment's coef (0
-      elsewhere). U times the FLOPs, but two large GEMMs and no per-group work: the cheaper one
-      while rows x groups is small (decode steps; a few adapters in a prefill).
+      MIN_RUN_ROWS of them, as plain GEMMs on row slices; the rest as one of:
+    - padded, where the groups have few and even rows (decode steps, an adapter or two rows
+      each): rows padded into [groups, max rows] and two batched GEMMs, the layout built once
+      per Segments (the plain-LoRA rows of a step pay for it once, not at every layer and site);
+    - bags otherwise (a popular adapter's rows beside single ones, uneven groups, groups of many
+      rows that are no runs): x gathered and shrunk as input-row bags, expanded as rank-row bags
+      (kernels/_rank_bags.py), one call each whatever the number of groups. On CPU they beat
+      the earlier per-site segmented and dense strategies and the padded levels at every shape
+      measured (bench/RESULTS.md, session 27).
     """
     site_coef = None if coef is None else coef[:, None]
     site_scales = None if group_scale is None else [group_scale]
@@ -218,8 +228,8 @@ def lora_apply_sites(
 ) -> None:
     """lora_apply for n sites on the same segments whose outputs lie side by side in out
     [N, sum out_i]: lora_a [G, n R, in] (one site's A, or joint_lora_a of n), lora_bs n x
-    [G, out_i, R]; coef [P, n], or None with group_scales n x [G]. Row runs and padded groups
-    gather and shrink x once for all n; the other strategies run site by site."""
+    [G, out_i, R]; coef [P, n], or None with group_scales n x [G]. Every strategy shrinks x
+    once for all n."""
     segments = segments.trimmed()
     count = segments.num_assignments
     if count == 0:
@@ -239,21 +249,10 @@ def lora_apply_sites(
         if rest is None or rest_ids is None:
             return
         segments, coef = rest, coef.index_select(0, rest_ids)
-    _apply_groups(x, lora_a, lora_bs, segments, coef, scales, out)
+    _apply_rest(x, lora_a, lora_bs, segments, coef, scales, out)
 
 
-def _split_layout(segments: Segments) -> list[tuple[Segments, torch.Tensor]] | None:
-    """split_past_padded_rows of the segments as (Segments, positions) per level, built once
-    per Segments (so each level's own padded layout is too)."""
-
-    def build() -> list[tuple[Segments, torch.Tensor]] | None:
-        split = split_past_padded_rows(segments.group_ids)
-        return None if split is None else [(segments.subset(ids), ids) for ids in split]
-
-    return segments.memoised("split", build)
-
-
-def _apply_groups(
+def _apply_rest(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_bs: Sequence[torch.Tensor],
@@ -262,56 +261,41 @@ def _apply_groups(
     scales: torch.Tensor | None,
     out: torch.Tensor,
 ) -> None:
-    """lora_apply_sites on segments without row runs: padded; else, where a few groups have too
-    many rows for that, in levels that each are; else site by site, segmented or dense.
-    coef [P, n], or None with scales [G, n] (a padded layout then scales whole groups)."""
+    """lora_apply_sites on segments without row runs: padded where its layout is tight, else
+    bags. coef [P, n], or None with scales [G, n] (the padded layout then scales whole
+    groups)."""
     layout = _padded_layout(segments)
-    if layout is not None:
-        padded, place_rows, padded_weights = layout
-        if coef is None:
-            assert scales is not None
-            place_coef = padded_weights * padded.groups_of(scales).unsqueeze(1)  # [U, M, n]
-        else:
-            place_coef = padded.pad(coef)  # [U, M, n], padding places: 0
-        _apply_padded(x, lora_a, lora_bs, padded, place_rows, place_coef, out)
+    if layout is None:
+        _apply_bags(x, lora_a, lora_bs, segments, assignment_coef(segments, coef, scales), out)
         return
-    parts = _split_layout(segments)
-    if parts is not None:
-        for part, ids in parts:
-            part_coef = None if coef is None else coef.index_select(0, ids)
-            _apply_groups(x, lora_a, lora_bs, part, part_coef, scales, out)
-        return
-    coef = assignment_coef(segments, coef, scales)
-    for i, (part_a, lora_b, part_out) in enumerate(joint_parts(lora_a, lora_bs, out)):
-        _apply_unpadded(x, part_a, lora_b, segments, coef[:, i].contiguous(), part_out)
+    padded, place_rows, padded_weights = layout
+    if coef is None:
+        assert scales is not None
+        place_coef = padded_weights * padded.groups_of(scales).unsqueeze(1)  # [U, M, n]
+    else:
+        place_coef = padded.pad(coef)  # [U, M, n], padding places: 0
+    _apply_padded(x, lora_a, lora_bs, padded, place_rows, place_coef, out)
 
 
-def _apply_unpadded(
+def _apply_bags(
     x: torch.Tensor,
     lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
     segments: Segments,
     coef: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """One site by the segmented or the dense strategy (lora_apply), whichever is cheaper."""
+    """out[rows] += (coef * A x[rows]) B^T for n sites at once as weighted bags: x gathered and
+    shrunk once (input-row bags over A's [.., in, n R] storage), each site expanded by rank-row
+    bags and scattered into its columns; coef [P, n]. No call per group, and no padding: each
+    assignment reads its group's weights (from cache when the group's assignments follow each
+    other, as they do sorted by group). The bag indices live in the Segments' memo, so a step's
+    plain-LoRA rows build them once for every layer and site."""
+    num_sites, rank = len(lora_bs), lora_bs[0].shape[2]
     count = segments.num_assignments
-    num_rows = x.shape[0]
-    rank, in_features = lora_a.shape[1], lora_a.shape[2]
-    out_features = lora_b.shape[1]
-    group_lo = int(segments.group_ids[0])
-    span = int(segments.group_ids[-1]) + 1 - group_lo
-    if not dense_range_is_cheaper(num_rows, span, count, 2 * rank * (in_features + out_features)):
-        s = lora_shrink(x, lora_a, segments, gather_rows=True)
-        lora_expand(s, lora_b, segments, coef, out, scatter_rows=True)
-        return
-    groups = slice(group_lo, group_lo + span)
-    mask = x.new_zeros(num_rows, span)  # [T, U]
-    mask.index_put_(
-        (segments.row_ids, segments.group_ids - group_lo), coef.to(x.dtype), accumulate=True
-    )
-    a = lora_a[groups].reshape(span * rank, in_features)  # [U*R, in]
-    # lora_b is [G, out, R]; the pool's storage is [G, R, out], so this transpose is free there.
-    b = lora_b[groups].transpose(1, 2).reshape(span * rank, out_features)  # [U*R, out]
-    s = (x @ a.T).view(num_rows, span, rank).mul_(mask[:, :, None])  # [T, U, R]
-    out += (s.view(num_rows, span * rank) @ b).to(out.dtype)
+    bags = segments.memoised("rank_bags", lambda: RankBags(segments.group_ids))
+    shrunk = bag_shrink(x.index_select(0, segments.row_ids), lora_a, bags)  # [P, n R]
+    shrunk = shrunk.view(count, num_sites, rank).mul_(coef[:, :, None].to(shrunk.dtype))
+    for i, (_, lora_b, part_out) in enumerate(joint_parts(lora_a, lora_bs, out)):
+        delta = bag_expand(shrunk[:, i], lora_b, bags.ids(rank), bags.offsets(rank))  # [P, out]
+        part_out.index_add_(0, segments.row_ids, delta.to(part_out.dtype))

@@ -262,48 +262,25 @@ def test_segment_matmul_single_row_and_single_group():
     assert_matches(segment_matmul(x, b, ids), naive(x, b, ids), torch.float32)
 
 
+def padded_layout(sorted_group_ids: torch.Tensor) -> _grouped.PaddedGroups | None:
+    """grouped_matmul's padded layout of rows in these groups."""
+    group_lo = int(sorted_group_ids[0])
+    counts = torch.bincount(sorted_group_ids - group_lo)
+    return _grouped._padded_from_counts(sorted_group_ids, group_lo, counts)
+
+
 def test_padded_layout_is_a_strided_grid_or_the_used_groups():
     """Evenly spaced groups (plain LoRA: slot * E) pad over their grid and read the weights as a
     view; irregular ones (routed experts) pad only the groups that have rows."""
-    grid = _grouped.padded_groups(skewed_ids({4: 2, 8: 1, 16: 3}))
+    grid = padded_layout(skewed_ids({4: 2, 8: 1, 16: 3}))
     assert grid is not None and grid.used_group_ids is None
     assert (grid.group_lo, grid.group_step, grid.num_groups, grid.max_rows) == (4, 4, 4, 3)
     b = torch.arange(48.0).view(48, 1, 1)
     assert grid.groups_of(b).flatten().tolist() == [4.0, 8.0, 12.0, 16.0]
-    used = _grouped.padded_groups(skewed_ids({0: 2, 7: 2, 19: 1, 40: 2}))
+    used = padded_layout(skewed_ids({0: 2, 7: 2, 19: 1, 40: 2}))
     assert used is not None and used.num_groups == 4
     assert used.groups_of(b).flatten().tolist() == [0.0, 7.0, 19.0, 40.0]
-    assert _grouped.padded_groups(skewed_ids({0: 9})) is None  # past the rows limit
-
-
-def test_split_past_padded_rows_cuts_a_popular_group_into_levels():
-    """One group past the padded rows limit beside groups of one or two rows (a popular
-    adapter's decode rows): a head of the first m rows of every group, then levels of at most 8
-    more rows per group, each still sorted by group; m = 3 pads the fewest places here."""
-    counts = {0: 11, 4: 1, 8: 2, 12: 1, 16: 2, 20: 1, 24: 1, 28: 2}
-    ids = skewed_ids(counts)
-    levels = _grouped.split_past_padded_rows(ids)
-    assert levels is not None and len(levels) == 2
-    assert sorted(torch.cat(levels).tolist()) == list(range(ids.shape[0]))
-    for level in levels:
-        level_ids = ids[level]
-        assert torch.equal(level_ids, level_ids.sort().values)
-        assert _grouped.padded_groups(level_ids) is not None  # each level is padded
-    head_counts = torch.bincount(ids[levels[0]])
-    assert head_counts[0] == 3 and head_counts[1:].max() == 2  # up to 3 rows of each group
-    assert ids[levels[1]].tolist() == [0] * 8  # the popular group's other 8 rows
-    # 20 rows: a head of 4 (fewer places than 3, whose 17 left need three more levels), 8, 8.
-    deep_ids = skewed_ids({**counts, 0: 20})
-    deep = _grouped.split_past_padded_rows(deep_ids)
-    assert deep is not None and len(deep) == 3
-    assert [int(torch.bincount(deep_ids[level]).max()) for level in deep] == [4, 8, 8]
-
-
-def test_split_past_padded_rows_leaves_groups_that_fit_or_are_mostly_big():
-    assert _grouped.split_past_padded_rows(skewed_ids({0: 8, 4: 1})) is None  # nothing past
-    # Most groups have many rows: per-group GEMMs, not a split.
-    assert _grouped.split_past_padded_rows(skewed_ids({0: 12, 1: 12, 2: 10, 3: 11})) is None
-    assert _grouped.split_past_padded_rows(torch.zeros(0, dtype=torch.int64)) is None
+    assert padded_layout(skewed_ids({0: 9})) is None  # past the rows limit
 
 
 def test_places_in_groups_counts_each_group_from_zero_in_item_order():

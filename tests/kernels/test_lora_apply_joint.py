@@ -1,7 +1,7 @@
 """lora_apply_joint (sites sharing rows and segments, q/k/v) against lora_apply per site on the
-output's column slices, for each layout the reference takes: padded groups (decode; with a
-popular group, as a head and a tail), row runs (prefill chunks) with and without a rest, and the
-per-site fallback (alone, and for the rest of row runs, with per-assignment coefs)."""
+output's column slices, for each row pattern: decode rows (also with a popular group), row runs
+(prefill chunks) with and without a rest, and groups of many rows that are no runs. x is
+gathered and shrunk once for all sites in every case, padded or as bags."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from support.lora_cases import (
 from mixserve.kernels import Segments, joint_lora_a, lora_apply_joint
 from mixserve.kernels.lora import reference
 
-LAYOUTS = ["padded", "padded_and_split", "runs", "runs_and_rest", "runs_and_fallback", "fallback"]
+LAYOUTS = ["decode", "decode_popular", "runs", "runs_and_rest", "runs_and_many_rows", "many_rows"]
 
 
 def joint_case(layout: str, dtype: torch.dtype, seed: int):
@@ -44,34 +44,30 @@ def assert_joint_matches(got, want, base, dtype) -> None:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_joint_sites_equal_each_site_on_its_columns(layout, dtype, monkeypatch):
     sites, tensors, x, base, want = joint_case(layout, dtype, 3)
-    per_site_calls: list[int] = []
-    real_apply = reference._apply_unpadded  # the per-site strategies
-    monkeypatch.setattr(
-        reference,
-        "_apply_unpadded",
-        lambda *a, **k: per_site_calls.append(1) or real_apply(*a, **k),
-    )
-    padded_calls: list[int] = []
-    real_padded = reference._apply_padded
-    monkeypatch.setattr(
-        reference,
-        "_apply_padded",
-        lambda *a, **k: padded_calls.append(1) or real_padded(*a, **k),
-    )
+    calls: dict[str, int] = {"bag_shrink": 0, "_apply_padded": 0}
+    for attr in calls:
+        real = getattr(reference, attr)
+
+        def counting(*a, real=real, attr=attr, **k):
+            calls[attr] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(reference, attr, counting)
     got = base.clone()
     joint = joint_lora_a(*sites.lora_as)
     assert joint is not None
     lora_apply_joint(x, joint, sites.lora_bs, Segments(*tensors), got, group_scales=sites.scales)
     assert_joint_matches(got, want, base, dtype)
-    # x is gathered and shrunk once for all sites, except where no shared layout applies.
-    per_site_layouts = ("fallback", "runs_and_fallback")
-    assert len(per_site_calls) == (len(sites.lora_as) if layout in per_site_layouts else 0)
-    expected_padded = {"padded": 1, "padded_and_split": 2, "runs_and_rest": 1}
-    assert len(padded_calls) == expected_padded.get(layout, 0)
+    # The rows outside runs take one strategy, which shrinks x once for all sites: padded where
+    # the groups are even (decode rows), bags otherwise (the rest after a chunk: 5 rows over a
+    # grid of 12 groups).
+    expected = {"decode": "_apply_padded", "runs": None}
+    want_strategy = expected.get(layout, "bag_shrink")
+    assert calls == {attr: int(attr == want_strategy) for attr in calls}
 
 
 def test_joint_sites_refuse_mismatched_widths():
-    sites, tensors, x, base, _ = joint_case("padded", torch.float32, 3)
+    sites, tensors, x, base, _ = joint_case("decode", torch.float32, 3)
     joint = joint_lora_a(*sites.lora_as)
     assert joint is not None
     wider = torch.zeros(base.shape[0], base.shape[1] + 1)

@@ -217,18 +217,29 @@ def test_rows_without_assignments_are_left_alone(dtype):
     assert not torch.equal(out[~idle], before[~idle])
 
 
-# lora_apply as it chooses ("apply_auto": padded where the groups are small), and its dense and
-# segmented strategies forced; "shrink_expand" is the two ops called one after the other.
-# "_pool_b": B in the adapter pool's storage ([G, R, out] contiguous), which lora_expand's
-# reference reads as rank-row bags instead of per-group GEMMs.
+# lora_apply as it chooses ("apply_auto": row runs where rows are consecutive; for the rest,
+# padded where its layout is tight, else bags), and bags or padded (wherever it can) forced for
+# every row; "shrink_expand" is the two ops called one after the other. "_pool_b": B in the
+# adapter pool's storage ([G, R, out] contiguous), which the bags read as a view.
 WHOLE_DELTA_PATHS = [
     "shrink_expand",
     "apply_auto",
-    "apply_dense",
-    "apply_segmented",
+    "apply_bags",
+    "apply_padded",
     "shrink_expand_pool_b",
-    "apply_segmented_pool_b",
+    "apply_bags_pool_b",
 ]
+
+
+def force_strategy(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """apply_bags: bags for every row; apply_padded: padded wherever padded_groups allows."""
+    if path == "apply_auto":
+        return
+    monkeypatch.setattr(reference, "row_runs", lambda row_ids, group_ids: None)
+    if path == "apply_bags":
+        monkeypatch.setattr(reference, "padded_groups", lambda group_ids: None)
+    else:
+        monkeypatch.setattr(reference, "MAX_PADDED_PLACES_PER_ROW", float("inf"))
 
 
 def apply_whole_delta(
@@ -243,11 +254,7 @@ def apply_whole_delta(
     if path == "shrink_expand":
         lora_expand(lora_shrink(batch.x, batch.lora_a, seg), lora_b, seg, batch.coef, out)
         return
-    if path != "apply_auto":
-        dense = path == "apply_dense"
-        monkeypatch.setattr(reference, "row_runs", lambda row_ids, group_ids: None)
-        monkeypatch.setattr(reference, "padded_groups", lambda group_ids: None)
-        monkeypatch.setattr(reference, "dense_range_is_cheaper", lambda *args: dense)
+    force_strategy(path, monkeypatch)
     assert lora_apply(batch.x, batch.lora_a, lora_b, seg, batch.coef, out) is None
 
 
@@ -273,19 +280,16 @@ def test_whole_delta_is_the_routed_lora_delta(scenario, dtype, path, monkeypatch
 
 @pytest.mark.parametrize("name", ["few_slots", "decode_grid", "decode_irregular"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("path", ["apply_auto", "apply_dense", "apply_segmented"])
+@pytest.mark.parametrize("path", ["apply_auto", "apply_bags", "apply_padded"])
 def test_lora_apply_with_group_scale_equals_its_per_assignment_coef(name, dtype, path, monkeypatch):
     """coef None with a per-group scale (how the model calls it: the site's scale of the layer)
-    is coef = weights * group_scale[group] on every strategy, the padded one included."""
+    is coef = weights * group_scale[group] on every strategy."""
     scenario = SCENARIOS[name]
     batch = make_batch(scenario, dtype, seed=23)
     num_groups = batch.lora_a.shape[0]
     group_scale = torch.rand(num_groups, generator=torch.Generator().manual_seed(24)) + 0.5
     coef = batch.segments.weights * group_scale[batch.segments.group_ids]
-    if path != "apply_auto":
-        dense = path == "apply_dense"
-        monkeypatch.setattr(reference, "padded_groups", lambda group_ids: None)
-        monkeypatch.setattr(reference, "dense_range_is_cheaper", lambda *args: dense)
+    force_strategy(path, monkeypatch)
     outs = []
     for per_assignment in (True, False):
         seg = Segments(batch.segments.row_ids, batch.segments.group_ids, batch.segments.weights)
@@ -331,8 +335,8 @@ def test_lora_apply_into_a_column_slice_touches_only_its_columns(name, dtype, pa
 def test_prefill_chunks_run_as_row_slices_and_the_rest_as_before(dtype, out_kind, monkeypatch):
     """A mixed step: two adapters' prefill chunks (consecutive rows of one group) plus decode
     rows of other groups and a short chunk. The chunks of at least MIN_RUN_ROWS rows run as
-    GEMMs on row slices; the rest (one row per group here) take the padded layout; the sum is
-    the routed LoRA delta."""
+    GEMMs on row slices; the rest (one row per group here) take the bags; the sum is the routed
+    LoRA delta."""
     sc = Scenario(1, 6, 4, 40, 24, 1)  # 6 slots x 4 experts, hidden 40, out 24, rank 16
     gen = torch.Generator().manual_seed(31)
     lora_a, lora_b, _ = lora_stacks(sc, gen)
@@ -357,21 +361,22 @@ def test_prefill_chunks_run_as_row_slices_and_the_rest_as_before(dtype, out_kind
         (1, 1 + long_rows, 4),
         (2 + long_rows, 5 + 2 * long_rows, 8),
     ]
-    padded_rows: list[int] = []
+    bag_rows: list[int] = []
+    real_bags = reference._apply_bags
 
-    def padded(group_ids: torch.Tensor) -> object:
-        padded_rows.append(int(group_ids.shape[0]))
-        return _grouped.padded_groups(group_ids)
+    def bags(*args: object) -> None:
+        bag_rows.append(args[3].num_assignments)  # type: ignore[attr-defined]
+        real_bags(*args)
 
-    monkeypatch.setattr(reference, "padded_groups", padded)
+    monkeypatch.setattr(reference, "_apply_bags", bags)
     lora_apply(x, lora_a, lora_b, seg, coef, out)
     assert_matches(out, want, dtype)
-    assert padded_rows == [num_rows - (2 * long_rows + 3)]  # the rest: 7 rows
+    assert bag_rows == [num_rows - (2 * long_rows + 3)]  # the rest: 7 rows
 
 
-def test_lora_apply_runs_decode_steps_dense_and_long_prefills_segmented():
-    """The cost rule behind lora_apply: a decode step of 8 adapters (32 rows, rank 16, 576 wide)
-    is cheaper as two dense GEMMs; 4096 prefill rows over 64 adapters are not."""
+def test_dense_range_cost_rule():
+    """segment_matmul's cost rule (routers): 32 rows over 8 groups (rank 16, 576 wide) are
+    cheaper as one GEMM over the group range; 4096 rows over 64 groups are not."""
     flops = 2 * 16 * (576 + 576)
     assert _grouped.dense_range_is_cheaper(32, 8, 32, flops)
     assert not _grouped.dense_range_is_cheaper(4096, 64, 4096, flops)
@@ -384,41 +389,51 @@ def naive_delta(batch: Batch, seg: Segments, coef: torch.Tensor) -> torch.Tensor
     return naive_expand(s, batch.lora_b, seg, coef, out, True)
 
 
-def test_decode_rows_take_the_padded_layout_built_once_per_segments(monkeypatch):
-    """A step's plain-LoRA Segments serve every layer and site: the padded layout is built on
-    the first lora_apply and reused, and neither other strategy runs."""
+# Decode rows over the slots' expert-0 groups 0, 4, 8, 12, 16 (plain LoRA: slot * E): two rows
+# each (a tight padded layout: 1 place a row), or one adapter with 5 beside four with one (5
+# groups x 5 places for 9 rows: past MAX_PADDED_PLACES_PER_ROW).
+DECODE_GROUPS = {
+    "tight": ([0, 0, 4, 4, 8, 8, 12, 12, 16, 16], "padded_groups"),
+    "uneven": ([0, 4, 8, 8, 8, 8, 8, 12, 16], "RankBags"),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE_GROUPS))
+def test_decode_rows_take_a_layout_built_once_per_segments(name, monkeypatch):
+    """A step's plain-LoRA Segments serve every layer and site: the padded layout (even groups)
+    or the bag indices (uneven ones) are built on the first lora_apply and reused, and the other
+    strategy never runs."""
+    group_list, built = DECODE_GROUPS[name]
     batch = make_batch(SCENARIOS["few_slots"], torch.float32, seed=21)
-    # 12 decode rows over the slots' expert-0 groups 0, 4, 8, 12, 16 (plain LoRA: slot * E)
-    group_ids = torch.tensor([0, 0, 4, 8, 8, 8, 12, 16, 16, 16, 16, 16])
+    group_ids = torch.tensor(group_list)
+    count = len(group_list)
     gen = torch.Generator().manual_seed(22)
     seg = Segments(
-        torch.randperm(12, generator=gen), group_ids, torch.rand(12, generator=gen) + 0.5
+        torch.randperm(count, generator=gen), group_ids, torch.rand(count, generator=gen) + 0.5
     )
     coef = seg.weights * 1.5
-    builds: list[int] = []
+    calls: dict[str, int] = {"padded_groups": 0, "RankBags": 0}
+    for attr in calls:
+        real = getattr(reference, attr)
 
-    def counting(group_ids: torch.Tensor) -> object:
-        builds.append(1)
-        return _grouped.padded_groups(group_ids)
+        def counting(group_ids: torch.Tensor, real=real, attr=attr) -> object:
+            calls[attr] += 1
+            return real(group_ids)
 
-    def unexpected(*args: object) -> bool:
-        raise AssertionError("dense or segmented strategy chosen")
-
-    monkeypatch.setattr(reference, "padded_groups", counting)
-    monkeypatch.setattr(reference, "dense_range_is_cheaper", unexpected)
+        monkeypatch.setattr(reference, attr, counting)
     want = naive_delta(batch, seg, coef)
     for _ in range(3):
         out = torch.zeros(len(batch.x), batch.lora_b.shape[1])
         lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, coef, out)
         assert_matches(out, want, torch.float32)
-    assert builds == [1]
+    assert calls["padded_groups"] == 1  # asked once either way (the memo keeps a None too)
+    assert calls["RankBags"] == (1 if built == "RankBags" else 0)
 
 
 @pytest.mark.parametrize("scaled_groups", [False, True])
-def test_a_popular_group_beside_small_ones_runs_as_padded_levels(scaled_groups, monkeypatch):
-    """A decode step where one adapter has 11 rows and the others 1-2 (past the padded rows
-    limit, so no single padded layout): the rows run as padded levels, never per site, and
-    give the routed LoRA delta, with a per-assignment coef or a per-group scale."""
+def test_a_popular_group_beside_small_ones(scaled_groups):
+    """A decode step where one adapter has 11 rows and the others 1-2: the bags give the routed
+    LoRA delta, with a per-assignment coef or a per-group scale."""
     batch = make_batch(SCENARIOS["few_slots"], torch.float32, seed=25)
     group_ids = torch.tensor([0] * 11 + [4, 8, 8, 12, 16, 16])
     gen = torch.Generator().manual_seed(26)
@@ -427,32 +442,9 @@ def test_a_popular_group_beside_small_ones_runs_as_padded_levels(scaled_groups, 
     )
     group_scale = torch.rand(batch.lora_a.shape[0], generator=gen) + 0.5
     coef = seg.weights * group_scale[group_ids]
-
-    def unexpected(*args: object) -> bool:
-        raise AssertionError("dense or segmented strategy chosen")
-
-    padded_calls: list[int] = []
-    real_padded = reference._apply_padded
-    monkeypatch.setattr(reference, "dense_range_is_cheaper", unexpected)
-    monkeypatch.setattr(
-        reference, "_apply_padded", lambda *a: padded_calls.append(1) or real_padded(*a)
-    )
     out = torch.zeros(len(batch.x), batch.lora_b.shape[1])
     if scaled_groups:
         lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, None, out, group_scale=group_scale)
     else:
         lora_apply(batch.x, batch.lora_a, batch.lora_b, seg, coef, out)
-    want = naive_delta(batch, seg, coef)
-    assert_matches(out, want, torch.float32)
-    assert len(padded_calls) == 2  # a head of up to 3 rows a group, then 8 more
-
-
-@pytest.mark.parametrize(("name", "gathered"), [("decode_grid", False), ("decode_irregular", True)])
-def test_decode_scenarios_take_the_padded_path(name, gathered):
-    """The scenarios above that stand for decode steps really reach the padded strategy: on the
-    slots' grid, or over the used groups when the grid would be mostly empty."""
-    for seed in (15, 18):  # the seeds of the whole-delta and column-slice tests
-        batch = make_batch(SCENARIOS[name], torch.float32, seed=seed)
-        layout = _grouped.padded_groups(batch.segments.group_ids)
-        assert layout is not None
-        assert (layout.used_group_ids is not None) == gathered
+    assert_matches(out, naive_delta(batch, seg, coef), torch.float32)

@@ -95,21 +95,21 @@ def joint_sites(dtype: torch.dtype, gen: torch.Generator) -> JointSites:
 def joint_segments(layout: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     """(row_ids, group_ids, weights) sorted by group, one assignment per row listed (weights not
     all 1, as routed sites have), in the layout named."""
-    if layout == "padded":  # decode: two rows per group, not consecutive
+    if layout == "decode":  # two rows per group, not consecutive
         groups = torch.arange(24) % JOINT_GROUPS
     elif layout == "runs":  # two prefill chunks of one group each
         groups = torch.tensor([3] * 20 + [7] * 18)
     elif layout == "runs_and_rest":  # a chunk, then decode rows of other groups
         groups = torch.tensor([5] * 24 + [0, 2, 2, 9, 11])
-    elif layout == "padded_and_split":  # decode: 11 rows of a popular group, 1-2 of the rest
+    elif layout == "decode_popular":  # 11 rows of a popular group, 1-2 of the rest
         groups = torch.tensor([5] * 11 + [0, 1, 2, 2, 3, 4, 6, 6, 7, 9, 10, 11])
         rows = torch.randperm(groups.shape[0], generator=gen)  # no row runs
         order = torch.argsort(groups, stable=True)
         weights = torch.rand(rows.shape[0], generator=gen) + 0.25
         return rows[order], groups[order], weights[order]
-    elif layout == "runs_and_fallback":  # a chunk, then 12 rows of one group, not consecutive
+    elif layout == "runs_and_many_rows":  # a chunk, then 12 rows of one group, not consecutive
         groups = torch.tensor([4] * 20 + [1, 6] * 12)
-    else:  # "fallback": groups of many rows, not consecutive: neither runs nor padding pays
+    else:  # "many_rows": groups of many rows, not consecutive (no runs)
         groups = torch.arange(40) % 3
     rows = torch.arange(groups.shape[0])
     order = torch.argsort(groups, stable=True)

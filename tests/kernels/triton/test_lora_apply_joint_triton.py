@@ -18,7 +18,7 @@ from mixserve.kernels import Segments, joint_lora_a, lora_apply_joint
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["padded", "runs_and_rest"])
+@pytest.mark.parametrize("layout", ["decode", "runs_and_rest"])
 def test_joint_sites_through_triton(layout, dtype, kernel_device):
     gen = torch.Generator().manual_seed(5)
     sites = joint_sites(dtype, gen)
