@@ -22,8 +22,11 @@ import torch
 # top-2, each layer's weights out of cache (bench/RESULTS.md, session 26): bags against GEMM
 # shrinks took 0.70x the time at 6 assignments per group, 0.75-0.80x at 8-10, 0.88x at 16, 0.93x
 # at 21, 0.97x at 29. (Shrinks timed alone, with x fixed, put the crossover elsewhere: the FFN's
-# own temporaries share the cache with the bags' reads.)
-MAX_BAG_ASSIGNMENTS_PER_GROUP = 32
+# own temporaries share the cache with the bags' reads.) On the Intel Xeon VM (session 27,
+# pairs in token order, alternating in one process) the crossover comes sooner: 0.99x at 4
+# pairs per group, 0.97x at 8, 1.0x at 16, 1.12x at 32, and 1.14x over a real 1,024-token step
+# (23 pairs per group on average, up to 60). 20 sits between the two machines' crossovers.
+MAX_BAG_ASSIGNMENTS_PER_GROUP = 20
 
 
 def bag_shrink(x_rows: torch.Tensor, lora_a: torch.Tensor, bags: RankBags) -> torch.Tensor:
