@@ -70,9 +70,9 @@ def lora_expand(
 # The padded strategy while its layout has at most this many places per assignment: the
 # padding's gathers and GEMM rows cost less than bags' per-assignment weight reads only while
 # there is little of it. On the Intel Xeon VM (2026-12-06, q/k/v + o of 30 layers, 64 decode
-# rows over 48 adapters): padded 1.5 places a row 0.93x the bags' time, 2.25 0.94x, 3 1.0x,
-# ~4 (rows drawn at random) 1.27x, a popular adapter's levels (zipf) 2x (bench/RESULTS.md,
-# session 27).
+# rows over 48 adapters): padded at 1.5 places a row took 0.93x the bags' time, at 2.25 0.94x,
+# at 3 1.02x, at ~4 (rows drawn at random) 1.24-1.27x, and a popular adapter's padded levels
+# (zipf) 2.0-2.3x (bench/RESULTS.md, session 27).
 MAX_PADDED_PLACES_PER_ROW = 2.5
 
 
@@ -198,7 +198,7 @@ def lora_apply(
     out: torch.Tensor,
     group_scale: torch.Tensor | None = None,
 ) -> None:
-    """Shrink then expand, by two equivalent strategies. coef [P], or None with group_scale
+    """Shrink then expand, by three equivalent strategies. coef [P], or None with group_scale
     [G]: coef = segments.weights * group_scale[group_ids].
 
     - runs: assignments whose rows are consecutive rows of one group (prefill chunks), at least
