@@ -36,7 +36,7 @@ def bag_shrink(x_rows: torch.Tensor, lora_a: torch.Tensor, bags: RankBags) -> to
     in_features = x_rows.shape[1]
     input_rows = lora_a.mT.reshape(-1, lora_a.shape[-2])  # [G * in, R]
     weights = x_rows.to(input_rows.dtype).flatten()
-    return _weighted_bag_sums(input_rows, bags.ids(in_features), bags.offsets(in_features), weights)
+    return weighted_bag_sums(input_rows, bags.ids(in_features), bags.offsets(in_features), weights)
 
 
 def rank_rows(lora_b: torch.Tensor) -> torch.Tensor:
@@ -46,12 +46,13 @@ def rank_rows(lora_b: torch.Tensor) -> torch.Tensor:
 
 
 class RankBags:
-    """Bag indices for one list of assignments (group_ids [P]), built once per row width and
-    shared by every projection that shrinks or expands the same assignments."""
+    """Bag indices for one list of assignments (group_ids [P], each below num_groups: the
+    weight tables' group count), built once per row width and shared by every projection that
+    shrinks or expands the same assignments."""
 
-    def __init__(self, group_ids: torch.Tensor) -> None:
+    def __init__(self, group_ids: torch.Tensor, num_groups: int) -> None:
         self.group_ids = group_ids
-        self._num_groups: int | None = None  # max(group_ids) + 1, read once when first needed
+        self.num_groups = num_groups  # a bound from the tables' shape: no read of group_ids
         self._ids: dict[int, torch.Tensor] = {}
         self._offsets: dict[int, torch.Tensor] = {}
 
@@ -60,9 +61,7 @@ class RankBags:
         takes either). Building ids is a broadcast add over [P, width], ~4x faster in int32 on
         CPU: 0.27 against 1.07 ms for 2,000 pairs at width 1536 (bench/RESULTS.md, session
         27)."""
-        if self._num_groups is None:
-            self._num_groups = int(self.group_ids.max()) + 1 if self.group_ids.numel() else 0
-        largest = max(self._num_groups, self.group_ids.shape[0]) * width
+        largest = max(self.num_groups, self.group_ids.shape[0]) * width
         return torch.int32 if largest < 2**31 else torch.int64
 
     def ids(self, width: int) -> torch.Tensor:
@@ -95,10 +94,11 @@ def _row_offsets(width: int, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.arange(width, dtype=dtype, device=device)
 
 
-def _weighted_bag_sums(
-    table: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
+def weighted_bag_sums(
+    table: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None
 ) -> torch.Tensor:
-    """[num_bags, width]: out[b] = sum of weights[i] * table[ids[i]] over bag b's entries.
+    """[num_bags, width]: out[b] = sum of weights[i] * table[ids[i]] over bag b's entries
+    (weights None: plain sums; an empty bag gives zeros).
 
     torch.embedding_bag rather than F.embedding_bag: the functional's argument checks cost
     about ten Python-level calls per use, a measurable share of a decode step's hundreds of bag
@@ -114,4 +114,4 @@ def bag_expand(
     """out[b] = sum over the assignments p of bag b of B_g(p) coef[p]: coef [P, R] (assignments
     in bag_ids order), lora_b [..., out, R], offsets [num_bags] into bag_ids. Returns
     [num_bags, out]."""
-    return _weighted_bag_sums(rank_rows(lora_b), bag_ids, offsets, coef.flatten())
+    return weighted_bag_sums(rank_rows(lora_b), bag_ids, offsets, coef.flatten())

@@ -58,7 +58,7 @@ def lora_expand(
     scaled = s[:count] * coef[:count].to(s.dtype)[:, None]
     # Rank-row bags (no GEMM call per group): a view on the pool's B, a copy for other layouts.
     # Their indices live in the Segments' memo: the pair op expands the same segments twice.
-    bags = segments.memoised("rank_bags", lambda: RankBags(segments.group_ids))
+    bags = segments.memoised("rank_bags", lambda: RankBags(segments.group_ids, lora_b.shape[0]))
     rank = lora_b.shape[2]
     delta = bag_expand(scaled, lora_b, bags.ids(rank), bags.offsets(rank))  # [P, N_out]
     if scatter_rows:
@@ -286,16 +286,14 @@ def _apply_bags(
     out: torch.Tensor,
 ) -> None:
     """out[rows] += (coef * A x[rows]) B^T for n sites at once as weighted bags: x gathered and
-    shrunk once (input-row bags over A's [.., in, n R] storage), each site expanded by rank-row
-    bags and scattered into its columns; coef [P, n]. No call per group, and no padding: each
-    assignment reads its group's weights (from cache when the group's assignments follow each
-    other, as they do sorted by group). The bag indices live in the Segments' memo, so a step's
-    plain-LoRA rows build them once for every layer and site."""
-    num_sites, rank = len(lora_bs), lora_bs[0].shape[2]
-    count = segments.num_assignments
-    bags = segments.memoised("rank_bags", lambda: RankBags(segments.group_ids))
+    shrunk once (input-row bags over A's [.., in, n R] storage), then each site's lora_expand
+    (rank-row bags, scattered into its columns); coef [P, n]. No call per group, and no
+    padding: each assignment reads its group's weights (from cache when the group's assignments
+    follow each other, as they do sorted by group). The bag indices live in the Segments' memo,
+    so a step's plain-LoRA rows build them once for every layer and site."""
+    rank = lora_bs[0].shape[2]
+    bags = segments.memoised("rank_bags", lambda: RankBags(segments.group_ids, lora_a.shape[0]))
     shrunk = bag_shrink(x.index_select(0, segments.row_ids), lora_a, bags)  # [P, n R]
-    shrunk = shrunk.view(count, num_sites, rank).mul_(coef[:, :, None].to(shrunk.dtype))
     for i, (_, lora_b, part_out) in enumerate(joint_parts(lora_a, lora_bs, out)):
-        delta = bag_expand(shrunk[:, i], lora_b, bags.ids(rank), bags.offsets(rank))  # [P, out]
-        part_out.index_add_(0, segments.row_ids, delta.to(part_out.dtype))
+        site_shrunk = shrunk[:, i * rank : (i + 1) * rank]
+        lora_expand(site_shrunk, lora_b, segments, coef[:, i], part_out, scatter_rows=True)

@@ -30,6 +30,7 @@ from mixserve.kernels._rank_bags import (
     RankBags,
     bag_expand,
     bag_shrink,
+    weighted_bag_sums,
 )
 from mixserve.kernels.assignments.segments import Segments
 from mixserve.kernels.lora.joint import joint_lora_a
@@ -42,17 +43,14 @@ Act = Callable[[torch.Tensor], torch.Tensor]
 SHRINKS = ("auto", "bags", "grouped")
 
 
-def _weighted_sums(
+def _sums_by_row(
     rows_p: torch.Tensor, pair_offsets: torch.Tensor, weights: torch.Tensor | None
 ) -> torch.Tensor:
     """[N, D]: out[i] = sum of (weights[p] *) rows_p[p] over row i's pairs, which lie at
     pair_offsets[i] .. pair_offsets[i + 1] - 1 (token order; a row without pairs gets zeros)."""
     pair_ids = torch.arange(rows_p.shape[0], dtype=pair_offsets.dtype, device=rows_p.device)
     per_sample = None if weights is None else weights.to(rows_p.dtype)
-    sums, _, _, _ = torch.embedding_bag(
-        rows_p, pair_ids, pair_offsets, False, 0, False, per_sample, False, None
-    )
-    return sums
+    return weighted_bag_sums(rows_p, pair_ids, pair_offsets, per_sample)
 
 
 def _token_pairs(
@@ -81,7 +79,8 @@ def _token_pairs(
     k = num_pairs // num_rows
     fixed_k = k * num_rows == num_pairs and bool((counts == k).all())
     token_rows = rows.index_select(0, pair_rows)  # [P]
-    bags = RankBags(group_ids)  # bag indices, shared by the three projections
+    # Bag indices, shared by the three projections; groups index the [S * E] tables.
+    bags = RankBags(group_ids, gate.lora_a.shape[0] * gate.lora_a.shape[1])
     sorted_shrink = None if bag_shrinks else _SortedShrink(group_ids)
 
     def shrink(lora_a: torch.Tensor, rows_p: torch.Tensor) -> torch.Tensor:  # [P, R']
@@ -116,14 +115,14 @@ def _token_pairs(
         u.add_(base_p[:, intermediate:])
     hidden_p = act(g).mul_(u)  # [P, I], unweighted
     pair_offsets = torch.cumsum(counts, 0) - counts  # [N] each row's first pair
-    hidden = _weighted_sums(hidden_p, pair_offsets, pair_weights)  # [N, I]
+    hidden = _sums_by_row(hidden_p, pair_offsets, pair_weights)  # [N, I]
     # The down LoRA is linear: shrinking h_p and weighting the [P, R] result equals shrinking
     # w h_p, one [P, I] pass fewer.
     down_coef = down.scale.index_select(0, group_ids) * pair_weights
     down_p = expand(down, shrink(down.lora_a.flatten(0, 1), hidden_p), down_coef)  # [P, H]
     if fixed_k:
         return hidden, down_p.view(num_rows, k, -1).sum(1)
-    return hidden, _weighted_sums(down_p, pair_offsets, None)
+    return hidden, _sums_by_row(down_p, pair_offsets, None)
 
 
 def _is_every_row(rows: torch.Tensor, gate_up: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ def test_shrink_and_expand_match_matmuls(dtype):
     lora_b = torch.randn(groups, rank, out_features, generator=gen).to(dtype).mT
     group_ids = torch.tensor([4, 0, 0, 3, 4, 1])  # any order
     x_rows = torch.randn(6, in_features, generator=gen).to(dtype)
-    bags = RankBags(group_ids)
+    bags = RankBags(group_ids, groups)
     shrunk = bag_shrink(x_rows, lora_a, bags)  # [P, R]
     want = torch.stack(
         [lora_a[g].double() @ x.double() for g, x in zip(group_ids, x_rows, strict=True)]
@@ -33,12 +33,12 @@ def test_shrink_and_expand_match_matmuls(dtype):
 
 
 def test_indices_are_int32_until_they_would_overflow():
-    small = RankBags(torch.tensor([0, 7, 7]))
+    small = RankBags(torch.tensor([0, 7, 7]), 8)
     assert small.ids(1536).dtype == small.offsets(1536).dtype == torch.int32
     assert small.ids(1536)[-1] == 7 * 1536 + 1535
     # 2**31 / 1536 groups: the last index of the largest group no longer fits in int32.
     big_group = 2**31 // 1536
-    big = RankBags(torch.tensor([0, big_group]))
+    big = RankBags(torch.tensor([0, big_group]), big_group + 1)
     assert big.index_dtype(1536) == torch.int64
     assert big.index_dtype(8) == torch.int32
-    assert RankBags(torch.tensor([], dtype=torch.int64)).index_dtype(8) == torch.int32
+    assert RankBags(torch.tensor([], dtype=torch.int64), 4).index_dtype(8) == torch.int32
