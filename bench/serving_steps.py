@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=None, help="default: the engine's sizing")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "serving_steps.json")
     )
@@ -110,7 +112,10 @@ def main() -> None:
         adapter_dirs = write_bench_adapters(tmp, dims, args.adapters)
         for variant in variants:
             popularity = variant.removesuffix("_warm")
-            options: dict = {"max_num_seqs": 64, "max_num_batched_tokens": 1024}
+            options: dict = {
+                "max_num_seqs": args.max_num_seqs,
+                "max_num_batched_tokens": args.max_num_batched_tokens,
+            }
             if variant != "base":
                 options.update(max_lora_rank=8, max_experts=4, num_adapter_slots=args.slots)
             if variant.endswith("_warm"):

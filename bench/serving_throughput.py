@@ -7,6 +7,8 @@
              size of mixlora_spec.md's SmolLM2 example), adapter drawn uniformly per request;
   zipf     — the same 100 adapters with Zipf(1.0) popularity;
   *_warm   — with --warm, the same with every adapter in the host tier before the run.
+`LLM.generate` hands the engine each call's requests grouped by adapter (llm.submission_order);
+outputs come back in the prompts' order.
 Adapter slots: --slots, else the engine's default sizing (64 here: max_num_seqs, within the
 2 GiB default slot budget); the count used is in the results.
 The authors' `mixlora` package (0.2.3) serves one adapter at a time: for each adapter used, a

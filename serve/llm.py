@@ -27,6 +27,23 @@ from mixserve.types import CompletionOutput, FinishReason, RequestOutput, Sampli
 logger = logging.getLogger(__name__)
 
 
+def submission_order(adapters: Sequence[str | None]) -> list[int]:
+    """The prompts' indices grouped by adapter: groups in the order their adapter first appears,
+    prompts in input order within a group.
+
+    The prompts of one generate call arrive together, so any order among them is first come,
+    first served; grouped, the running batch holds a few adapters' rows instead of one adapter
+    per row. A step's adapter cost grows with the adapters (and experts) it touches, not with
+    its rows: on CPU each distinct adapter's weights are read from memory once or more per
+    layer. Measured on 2 vCPUs (bench/RESULTS.md, session 28: 256 requests, 100 MixLoRA
+    adapters drawn uniformly), decode steps took 1.48x the base model's grouped against 1.70x
+    in input order. Adapters also finish together and free their slots for the next ones."""
+    first_places: dict[str | None, int] = {}
+    for name in adapters:
+        first_places.setdefault(name, len(first_places))
+    return sorted(range(len(adapters)), key=lambda i: first_places[adapters[i]])
+
+
 def _per_prompt(value: Any, count: int, what: str) -> list[Any]:
     if isinstance(value, (list, tuple)):
         if len(value) != count:
@@ -118,7 +135,10 @@ class LLM:
         prompt_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
         adapter: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
-        """Complete each prompt (text, or token ids); adapter per prompt or one for all."""
+        """Complete each prompt (text, or token ids); adapter per prompt or one for all.
+
+        Outputs come back in the prompts' order; the engine gets the requests grouped by
+        adapter (`submission_order`)."""
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts and prompt_token_ids")
         texts: list[str | None]
@@ -143,11 +163,9 @@ class LLM:
         request_ids = [f"offline-{next(self._ids)}" for _ in range(count)]
         added: list[str] = []
         try:
-            for rid, tokens, p, name in zip(
-                request_ids, token_lists, params, adapters, strict=True
-            ):
-                self.engine.add_request(rid, tokens, p, name)
-                added.append(rid)
+            for i in submission_order(adapters):
+                self.engine.add_request(request_ids[i], token_lists[i], params[i], adapters[i])
+                added.append(request_ids[i])
         except (ValueError, AdapterError):
             for rid in added:
                 self.engine.abort(rid)

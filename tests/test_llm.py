@@ -9,6 +9,7 @@ from support.tiny_models import save_tiny_model, save_tiny_tokenizer, tiny_confi
 import mixserve
 from mixserve import SamplingParams
 from mixserve.adapters import MissingTensorError
+from mixserve.llm import submission_order
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +136,31 @@ def test_generate_runs_its_steps_with_older_objects_frozen(setup, monkeypatch):
     llm.generate(PROMPTS[:2], GREEDY)
     assert counts and min(counts) > 0, "steps ran with nothing frozen"
     assert gc.get_freeze_count() == 0, "generate left objects frozen"
+
+
+def test_submission_order_groups_by_first_appearance():
+    adapters = ["b", None, "a", "b", None, "c", "a", "b"]
+    assert submission_order(adapters) == [0, 3, 7, 1, 4, 2, 6, 5]
+    assert submission_order([]) == []
+    assert submission_order(["a", "a"]) == [0, 1]
+
+
+def test_requests_reach_the_engine_grouped_and_come_back_in_order(setup, monkeypatch):
+    llm = setup[0]
+    submitted = []
+    add_request = llm.engine.add_request
+
+    def spying_add(request_id, prompt_token_ids, params, adapter):
+        submitted.append(adapter)
+        return add_request(request_id, prompt_token_ids, params, adapter)
+
+    monkeypatch.setattr(llm.engine, "add_request", spying_add)
+    adapters = ["mix", None, "lora", "mix", None, "dyn", "lora", "mix"]
+    prompts = [f"prompt {i} " * (i + 1) for i in range(len(adapters))]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    outs = llm.generate(prompts, params, adapter=adapters)
+    assert submitted == ["mix", "mix", "mix", None, None, "lora", "lora", "dyn"]
+    assert [o.prompt for o in outs] == prompts
+    assert [o.adapter for o in outs] == adapters
+    for prompt, adapter, out in zip(prompts, adapters, outs, strict=True):
+        assert out.token_ids == llm.generate(prompt, params, adapter=adapter)[0].token_ids
