@@ -116,7 +116,8 @@ def row_runs(
     row_ids: torch.Tensor, group_ids: torch.Tensor, min_rows: int = MIN_RUN_ROWS
 ) -> RowRuns | None:
     """The runs of at least min_rows assignments whose rows are consecutive in one group, or
-    None where there are none. row_ids, group_ids [P] int64, sorted by group."""
+    None where there are none. row_ids, group_ids [P] int64: runs are neighbours in this order
+    (assignments sorted by group, or rows in order with their groups: routing's slot runs)."""
     num_assignments = row_ids.shape[0]
     if num_assignments < min_rows:
         return None

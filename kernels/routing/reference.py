@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixserve.kernels._grouped import segment_matmul
+from mixserve.kernels._grouped import RowRuns, row_runs, segment_matmul
 from mixserve.kernels.routing.params import RoutingParams, RoutingRule
 
 _TOP_K, _TOP_P, _SWITCH = int(RoutingRule.TOP_K), int(RoutingRule.TOP_P), int(RoutingRule.SWITCH)
@@ -93,6 +93,10 @@ class _RowSettings:
     """What routing needs of each row's slot besides x: the same in every layer of a step."""
 
     group_range: tuple[int, int]  # (lowest slot, span) of slot_ids
+    # Long runs of consecutive rows of one slot (prefill chunks): their logits are plain GEMMs
+    # on row slices against that slot's router alone. None: no run (decode rows).
+    slot_runs: RowRuns | None
+    rest_range: tuple[int, int] | None  # (lowest slot, span) of the rows outside the runs
     valid: torch.Tensor  # [N, E] bool: experts the row's slot has
     rules: tuple[int, ...]  # the rules present, in RoutingRule order
     rule_masks: dict[int, torch.Tensor]  # rule -> [N, 1] bool (only when several are present)
@@ -122,6 +126,13 @@ def _row_settings(
 ) -> _RowSettings:
     slot_lo = int(slot_ids.min())
     span = int(slot_ids.max()) + 1 - slot_lo
+    row_ids = torch.arange(slot_ids.shape[0], device=slot_ids.device)
+    slot_runs = row_runs(row_ids, slot_ids)
+    rest_range = None
+    if slot_runs is not None and slot_runs.rest is not None:
+        rest_slots = slot_ids.index_select(0, slot_runs.rest)
+        rest_lo = int(rest_slots.min())
+        rest_range = (rest_lo, int(rest_slots.max()) + 1 - rest_lo)
     ranks = torch.arange(num_experts_max, device=slot_ids.device)
     valid = ranks[None, :] < params.num_experts[slot_ids][:, None]
     rule_rows = params.rule[slot_ids]
@@ -131,11 +142,40 @@ def _row_settings(
         raise ValueError(f"routing rule(s) {sorted(unknown)} are not routed rules")
     masks = {r: (rule_rows == r)[:, None] for r in rules} if len(rules) > 1 else {}
     fields = {name for r in rules for name in _RULE_FIELDS[r]}
-    rows = {name: getattr(params, name)[slot_ids] for name in sorted(fields)}
+    settings = {name: getattr(params, name)[slot_ids] for name in sorted(fields)}
     top_k_keep = None
     if _TOP_K in rules:
         top_k_keep = ranks[None, :] < params.top_k[slot_ids][:, None]
-    return _RowSettings((slot_lo, span), valid, rules, masks, rows, top_k_keep)
+    return _RowSettings(
+        (slot_lo, span), slot_runs, rest_range, valid, rules, masks, settings, top_k_keep
+    )
+
+
+def _router_logits(
+    x: torch.Tensor, router: torch.Tensor, slot_ids: torch.Tensor, settings: _RowSettings
+) -> torch.Tensor:
+    """[N, E] float32: x[i] @ router[slot_ids[i]].T. Rows in slot runs take one GEMM per run;
+    the others one GEMM over their slot range or sorted segments (segment_matmul), which for
+    prefill rows multiplies every row by every router of the range (bench/RESULTS.md, session
+    28: a 951-token step's routing 26-27 -> 22-23 ms over 30 layers, its chunks over ~10
+    adapters)."""
+    x = x.to(torch.float32)
+    by_slot = router.transpose(1, 2)  # [S, H, E]
+    runs = settings.slot_runs
+    if runs is None:
+        return segment_matmul(x, by_slot, slot_ids, group_range=settings.group_range)
+    logits = x.new_empty(x.shape[0], router.shape[1])
+    for row_lo, row_hi, _, slot in runs.runs:
+        torch.mm(x[row_lo:row_hi], by_slot[slot].to(x.dtype), out=logits[row_lo:row_hi])
+    if runs.rest is not None:
+        rest = runs.rest
+        logits[rest] = segment_matmul(
+            x.index_select(0, rest),
+            by_slot,
+            slot_ids.index_select(0, rest),
+            group_range=settings.rest_range,
+        )
+    return logits
 
 
 def route(
@@ -158,9 +198,7 @@ def route(
         settings = _row_settings(slot_ids, params, num_experts_max)
         if memo is not None:
             memo["row_settings"] = (slot_ids, params, settings)
-    logits = segment_matmul(
-        x.to(torch.float32), router.transpose(1, 2), slot_ids, group_range=settings.group_range
-    )  # [N, E]
+    logits = _router_logits(x, router, slot_ids, settings)  # [N, E]
     valid = settings.valid
     probs = torch.softmax(logits.masked_fill_(~valid, float("-inf")), dim=-1)
     rows = settings.rows

@@ -118,6 +118,35 @@ def test_mixed_rules_and_expert_counts_in_one_call(dtype):
     assert any(r.broadcast for r in dynmole_rows) and not all(r.broadcast for r in dynmole_rows)
 
 
+@pytest.mark.parametrize("with_rest", [False, True])
+def test_slot_runs_route_like_scattered_rows(with_rest, monkeypatch):
+    """Prefill chunks (long runs of one slot) take one GEMM per run against their slot's router;
+    rows between them (decode rows) go through segment_matmul. Both match the oracle, and the
+    runs really take their own path (a spy on the rows segment_matmul gets)."""
+    from mixserve.kernels import _grouped
+    from mixserve.kernels.routing import reference
+
+    num_experts_max = 8
+    pieces = [(0, 20), (5, 17), (3, 16), (0, 18), (7, 30)]  # (slot, rows): runs of >= 16
+    if with_rest:
+        pieces[1:1] = [(2, 1), (8, 1), (4, 1)]
+        pieces.append((1, 3))
+    slot_ids = torch.cat([torch.full((n,), slot) for slot, n in pieces])
+    x, router = make_inputs(
+        slot_ids.shape[0], 24, num_experts_max, len(MIXED_SLOTS), seed=97, scale=(0.05, 5.0)
+    )
+    segmented_rows = []
+    segment_matmul = _grouped.segment_matmul
+
+    def spying(x_rows, *args, **kwargs):
+        segmented_rows.append(x_rows.shape[0])
+        return segment_matmul(x_rows, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "segment_matmul", spying)
+    check_route(x, slot_ids, router, MIXED_SLOTS)
+    assert segmented_rows == ([6] if with_rest else [])
+
+
 def test_empty_batch():
     router = torch.randn(2, 4, 8)
     params = make_params([SlotConfig(RoutingRule.TOP_K, 4, top_k=2)] * 2)
