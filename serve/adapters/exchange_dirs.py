@@ -14,6 +14,11 @@ import shutil
 import tempfile
 import threading
 import uuid
+import weakref
+
+import torch
+
+from mixserve.adapters.exchange_files import copy_into_file, fresh_copies
 
 _EXCHANGE_PREFIX = "mixserve-loads-"
 
@@ -123,6 +128,27 @@ class ExchangeFiles:
             if self._spare:
                 return self._spare.popitem()[0]
         return os.path.join(self.folder, f"{uuid.uuid4().hex}.tensors")
+
+    def host_copies(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of tensors for the host tier (the pager's read-backs out of slots): in a
+        spare file where there is one, whose pages exist, mapped until the copies are freed
+        and then kept again; else in new memory. In a cold serving run on 2 vCPUs (a VM whose
+        fresh pages fault in slowly: exchange_files.py) a 28 MB read-back into new memory
+        took 38 ms on the engine thread (bench/RESULTS.md, session 28)."""
+        with self._lock:
+            path = self._spare.popitem()[0] if self._spare else None
+        if path is None:
+            return fresh_copies(tensors)
+        try:
+            mapped, mapping = copy_into_file({str(i): t for i, t in enumerate(tensors)}, path)
+        except OSError:  # the file is gone or there is no room to extend it
+            self.give_back(path, reuse=False)
+            return fresh_copies(tensors)
+        if mapping is None:  # no bytes at all
+            self.give_back(path, reuse=True)
+        else:
+            weakref.finalize(mapping, self.give_back, path, reuse=True)
+        return [mapped[str(i)] for i in range(len(tensors))]
 
     def give_back(self, path: str | None, *, reuse: bool) -> None:
         """Once nothing maps a load's file: keep it for a later load within max_spare_bytes,

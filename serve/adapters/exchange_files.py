@@ -54,26 +54,56 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def fresh_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """New contiguous host tensors with the values of tensors."""
+    return [t.to("cpu", copy=True, memory_format=torch.contiguous_format) for t in tensors]
+
+
+def file_places(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, FileTensor], int]:
+    """Where write_tensors puts each tensor, and the bytes up to the end of the last one."""
+    places: dict[str, FileTensor] = {}
+    offset = end = 0
+    for key, tensor in tensors.items():
+        place = FileTensor(dtype_name(tensor.dtype), tuple(tensor.shape), offset)
+        places[key] = place
+        end = offset + place.nbytes
+        offset += -(-place.nbytes // _ALIGN) * _ALIGN
+    return places, end
+
+
 def write_tensors(tensors: dict[str, torch.Tensor], path: str) -> dict[str, FileTensor]:
     """Writes the tensors into path (created where missing) in place, past nothing it does
     not need: a longer file keeps its tail and its size. Raises OSError (no room, no folder)."""
-    places: dict[str, FileTensor] = {}
+    places, _ = file_places(tensors)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        offset = 0
         for key, tensor in tensors.items():
             raw = raw_bytes(tensor.detach().contiguous())
-            places[key] = FileTensor(dtype_name(tensor.dtype), tuple(tensor.shape), offset)
-            written = 0
+            offset, written = places[key].offset, 0
             while written < raw.nbytes:  # a write may be short (a signal, a full filesystem)
                 count = os.pwrite(fd, raw[written:], offset + written)
                 if count == 0:
                     raise OSError(errno.ENOSPC, f"no room to write {path}")
                 written += count
-            offset += -(-raw.nbytes // _ALIGN) * _ALIGN
     finally:
         os.close(fd)
     return places
+
+
+def copy_into_file(
+    tensors: dict[str, torch.Tensor], path: str
+) -> tuple[dict[str, torch.Tensor], mmap.mmap | None]:
+    """Copies of the tensors (any strides) as views of a shared mapping of path, an existing
+    file: map_tensors' result, with each tensor copied straight into its place (no contiguous
+    temporary, no write call). A file shorter than the tensors is extended first. Raises
+    OSError (no room, no file)."""
+    places, length = file_places(tensors)
+    if os.path.getsize(path) < length:
+        os.truncate(path, length)
+    mapped, mapping = map_tensors(path, places)
+    for key, tensor in tensors.items():
+        mapped[key].copy_(tensor)
+    return mapped, mapping
 
 
 def raise_open_files_limit() -> None:

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
+
 from mixserve.adapters.errors import AdapterNotFoundError
+from mixserve.adapters.exchange_files import fresh_copies
 from mixserve.adapters.host_cache import HostCache
 from mixserve.adapters.loader import load_adapter
 from mixserve.adapters.loads import AdapterLoadResult, Loader, LoadQueue, LoadTicket, adapter_uid
@@ -61,9 +64,11 @@ class AdapterPager:
         max_workers: int = 2,
         pin_memory: bool | None = None,
         loader: Loader = load_adapter,
+        host_copies: Callable[[list[torch.Tensor]], list[torch.Tensor]] = fresh_copies,
     ) -> None:
         """pool must be empty. pin_memory defaults to "the pool is on CUDA". loader is
-        `load_adapter` or a stand-in with its signature (tests)."""
+        `load_adapter` or a stand-in with its signature (tests). host_copies makes the host
+        copies of read-backs (exclusive tiers): the process loader's spare exchange files."""
         self.pool = pool
         self._slots = SlotTable(pool)
         pin = pool.device.type == "cuda" if pin_memory is None else pin_memory
@@ -75,6 +80,7 @@ class AdapterPager:
         # active adapter's memory (and the pages every cold load faults in): the adapters whose
         # one copy is their slot, by name, as skeletons to read them back by.
         self._slot_only: dict[str, AdapterWeights] | None = None
+        self._host_copies = host_copies
         if pool.device.type == "cpu":
             self._slot_only = {}
             self._slots.before_evict = self._read_back
@@ -297,7 +303,7 @@ class AdapterPager:
         assert self._slot_only is not None
         like = self._slot_only.pop(name, None)
         if like is not None:
-            weights = read_slot(self.pool, slot, like)
+            weights = read_slot(self.pool, slot, like, self._host_copies)
             keep = self._protected() | {incoming} | ({name} if self._is_busy(name) else set())
             self._on_host_evicted(self._host.put(name, weights, keep))
 

@@ -180,6 +180,10 @@ class ProcessLoader:
         # workers (they exit at the EOF on their stdin) and removes its exchange folder.
         self._finalizer = weakref.finalize(self, _hang_up, self._workers, self.exchange_dir)
 
+    @property
+    def exchange_files(self) -> ExchangeFiles:
+        return self._exchange_files
+
     def start(self) -> None:
         """Start one worker now (it imports torch while the caller goes on), so the first load
         does not wait for that."""

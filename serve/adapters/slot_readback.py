@@ -10,8 +10,11 @@ stores every tensor in the adapter's own dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from mixserve.adapters.exchange_files import fresh_copies
 from mixserve.adapters.pool import AdapterPool
 from mixserve.adapters.weights import AdapterWeights
 
@@ -33,17 +36,25 @@ def stored_exactly(pool: AdapterPool, weights: AdapterWeights) -> bool:
     return all(tensor.dtype == stored.dtype for tensor, stored in pool.slot_views(0, weights))
 
 
-def read_slot(pool: AdapterPool, slot: int, like: AdapterWeights) -> AdapterWeights:
-    """The adapter in slot as new host tensors, shaped like `like` (its skeleton, or the weights
-    that were loaded there). The caller checks `stored_exactly` before relying on the bits."""
+def read_slot(
+    pool: AdapterPool,
+    slot: int,
+    like: AdapterWeights,
+    copy_out: Callable[[list[torch.Tensor]], list[torch.Tensor]] = fresh_copies,
+) -> AdapterWeights:
+    """The adapter in slot as host tensors, shaped like `like` (its skeleton, or the weights
+    that were loaded there). copy_out makes the host copies of the slot's views (a load
+    worker's spare exchange files: `ExchangeFiles.host_copies`). The caller checks
+    `stored_exactly` before relying on the bits."""
     if pool.names[slot] != like.name:
         raise ValueError(f"slot {slot} holds {pool.names[slot]!r}, not {like.name!r}")
     # slot_views lists the tensors in the order map_tensors visits them.
-    views = iter([stored for _, stored in pool.slot_views(slot, like)])
+    views = [stored for _, stored in pool.slot_views(slot, like)]
+    copies = iter(copy_out(views))
 
     def copy(tensor: torch.Tensor) -> torch.Tensor:
-        stored = next(views)
+        stored = next(copies)
         assert stored.shape == tensor.shape, "slot_views and map_tensors disagree"
-        return stored.to("cpu", copy=True, memory_format=torch.contiguous_format)
+        return stored
 
     return like.map_tensors(copy)

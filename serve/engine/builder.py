@@ -11,7 +11,7 @@ import torch
 from mixserve.adapters import AdapterPool, PoolShape, load_adapter
 from mixserve.adapters.config_parser import parse_adapter_config
 from mixserve.adapters.exchange_dirs import DEFAULT_MAX_SPARE_BYTES
-from mixserve.adapters.exchange_files import raise_open_files_limit
+from mixserve.adapters.exchange_files import fresh_copies, raise_open_files_limit
 from mixserve.adapters.files import find_adapter_files, read_config
 from mixserve.adapters.loads import Loader
 from mixserve.adapters.pager import AdapterPager
@@ -153,11 +153,16 @@ def _assemble_engine(
         config.adapters, shape, arch, dtype, device, config.scheduler.max_num_seqs
     )
     pool = AdapterPool(arch, shape, num_slots, dtype, device)
+    # Read-backs out of slots into pages that exist: the process loader's spare files.
+    host_copies = (
+        loader.exchange_files.host_copies if isinstance(loader, ProcessLoader) else fresh_copies
+    )
     pager = AdapterPager(
         pool,
         host_budget_bytes=config.adapters.host_cache_bytes,
         max_workers=num_load_workers,
         loader=loader,
+        host_copies=host_copies,
     )
     for name, path in adapters.items():
         pager.add_source(name, path)

@@ -3,9 +3,12 @@ only where its process is known to be gone; the files in one are reused within a
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+
+import torch
 
 from mixserve.adapters.exchange_dirs import ExchangeFiles, remove_stale_exchange_dirs
 
@@ -72,3 +75,39 @@ def test_spares_take_at_most_a_quarter_of_the_filesystem(tmp_path):
     stats = os.statvfs(tmp_path)
     files = ExchangeFiles(str(tmp_path), max_spare_bytes=1 << 62)
     assert files.max_spare_bytes == stats.f_blocks * stats.f_frsize // 4
+
+
+def test_host_copies_go_into_a_spare_file_and_give_it_back_when_freed(tmp_path):
+    files = ExchangeFiles(str(tmp_path))
+    spare = _written(files.take(), 4096)
+    files.give_back(spare, reuse=True)
+    base = torch.arange(48, dtype=torch.float32).view(4, 12)
+    tensors = [base[:, ::2], torch.ones(3, dtype=torch.bfloat16), base.new_empty(0)]
+    copies = files.host_copies(tensors)  # strided views, another dtype, an empty one
+    assert files.spare_bytes == 0, "the spare was not taken"
+    for copy, tensor in zip(copies, tensors, strict=True):
+        assert torch.equal(copy, tensor) and copy.dtype == tensor.dtype
+        assert copy.is_contiguous()
+    base += 1  # copies, not views of the originals
+    assert torch.equal(copies[0], (base - 1)[:, ::2])
+    del copies
+    gc.collect()
+    # Back as a spare (cut to the copies' size: map_tensors trims a much longer spare's tail).
+    assert files.spare_bytes == os.path.getsize(spare) > 0, "not back once nothing mapped it"
+
+
+def test_host_copies_without_a_spare_or_a_folder_are_new_memory(tmp_path):
+    tensor = torch.randn(5, 7)
+    for files in (ExchangeFiles(str(tmp_path)), ExchangeFiles(None)):
+        (copy,) = files.host_copies([tensor.T])
+        assert torch.equal(copy, tensor.T) and copy.is_contiguous()
+        assert files.spare_bytes == 0 and not os.listdir(tmp_path)
+
+
+def test_a_spare_shorter_than_the_copies_is_extended(tmp_path):
+    files = ExchangeFiles(str(tmp_path))
+    spare = _written(files.take(), 8)
+    files.give_back(spare, reuse=True)
+    tensor = torch.randn(64, 64)
+    (copy,) = files.host_copies([tensor])
+    assert torch.equal(copy, tensor) and os.path.getsize(spare) >= tensor.nbytes

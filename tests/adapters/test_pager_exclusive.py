@@ -94,6 +94,30 @@ def test_a_bf16_pool_keeps_host_copies(arch: ArchConfig, tmp_path):
         assert pager.state("a") is AdapterState.HOST
 
 
+def test_read_backs_go_through_the_pagers_host_copies(arch: ArchConfig, tmp_path):
+    """The host copies of a read-back come from host_copies (the engine passes its load
+    worker's spare exchange files), and the adapter comes back bit for bit."""
+    copied: list[int] = []
+
+    def host_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        copied.append(len(tensors))
+        return [t.clone(memory_format=torch.contiguous_format) for t in tensors]
+
+    pool = AdapterPool(arch, SHAPE, 1, torch.float32, "cpu")
+    with AdapterPager(pool, host_budget_bytes=10**12, host_copies=host_copies) as pager:
+        ready(pager, tmp_path, "a", "b")
+        pager.prepare(["a"])
+        pager.unpin_all()
+        first = snapshot(pager.pool)
+        assert copied == []
+        pager.prepare(["b"])  # a's slot is overwritten: a is read back through host_copies
+        pager.unpin_all()
+        assert len(copied) == 1 and copied[0] == len(pager._host.peek("a").tensors())
+        pager.prepare(["a"])
+        pager.unpin_all()
+        assert_pools_equal(snapshot(pager.pool), first)
+
+
 def test_prefetch_into_free_slots_only(make_pager: MakePager, tmp_path):
     pager = make_pager(slots=1)
     ready(pager, tmp_path, "idle", "new")

@@ -39,6 +39,17 @@ def test_a_failed_build_closes_its_load_worker(tmp_path, monkeypatch):
         assert proc.wait(timeout=30) is not None  # it exits at the EOF on its stdin
 
 
+def test_a_cpu_engines_read_backs_use_its_loaders_spare_files(tmp_path):
+    built = builder.build_engine(EngineConfig(model=ModelConfig(model=make_model(str(tmp_path)))))
+    try:
+        pager = built.core.pager
+        loader = pager._loads._loader
+        assert isinstance(loader, ProcessLoader)
+        assert pager._host_copies == loader.exchange_files.host_copies
+    finally:
+        built.core.pager.close()
+
+
 def test_slots_from_the_budget_are_capped_at_the_step_sequences(tiny_llama_dir):
     """Without max_num_slots, a budget with room for more slots than a step has sequences
     (max_num_seqs) gets max_num_seqs: a step never holds more adapters than sequences."""
