@@ -134,30 +134,34 @@ def _check_finite(
             raise AdapterValueError(spec.name, "holds NaN or Inf values", file=file, key=key)
 
 
-def _fill(
-    out: torch.Tensor,
+def _stacked(
+    shape: tuple[int, ...],
     entries: list[ExpectedTensor],
     weights: dict[str, torch.Tensor],
     rank_dim: int,
-) -> None:
-    """Copy each entry's tensor to out[layer, expert] (out [L, E, ...], zeros), filling its first
-    rows along rank_dim (a lower rank than the site's largest is zero-padded). Where the entries
-    are the full grid at out's trailing shape (no rank pattern, no layer gaps), one stack
-    instead of one slice copy per tensor: a MoE-PEFT MixLoRA file has ~1000."""
-    num_layers, num_experts = out.shape[:2]
+) -> torch.Tensor:
+    """[L, E, ...] = shape: each entry's tensor at [layer, expert], filling its first rows along
+    rank_dim (a lower rank than the site's largest is zero-padded, as are missing places).
+    Where the entries are the full grid at the trailing shape (no rank pattern, no layer gaps),
+    one stack into uninitialised memory instead of a slice copy per tensor into zeros: a
+    MoE-PEFT MixLoRA file has ~1000 tensors, and zeroing its 28 MB first cost a pass."""
+    num_layers, num_experts = shape[:2]
     by_place = {(e.layer, e.expert): e.key for e in entries}
     if len(by_place) == len(entries) == num_layers * num_experts:
         values = [weights[by_place[(i, j)]] for i in range(num_layers) for j in range(num_experts)]
-        if all(v.shape == out.shape[2:] for v in values):
-            flat = out.view(num_layers * num_experts, *out.shape[2:])
+        if all(v.shape == shape[2:] for v in values):
+            out = torch.empty(shape)
+            flat = out.view(num_layers * num_experts, *shape[2:])
             if all(v.dtype == out.dtype for v in values):
                 torch.stack(values, out=flat)
             else:  # a half-precision file: the stack's one temporary is at its own size
                 flat.copy_(torch.stack(values))
-            return
+            return out
+    out = torch.zeros(shape)
     for e in entries:
         value = weights[e.key]
         out[e.layer, e.expert].narrow(rank_dim, 0, value.shape[rank_dim]).copy_(value)
+    return out
 
 
 def _stack_site(
@@ -174,8 +178,6 @@ def _stack_site(
     num_experts = spec.site_experts(proj)
     rank = spec.max_rank(proj, num_layers)
     in_features, out_features = arch.projection_shape(proj)
-    lora_a = torch.zeros(num_layers, num_experts, rank, in_features)
-    lora_b = torch.zeros(num_layers, num_experts, out_features, rank)
     scale = torch.zeros(num_layers, num_experts)
     router = torch.zeros(num_layers, num_experts, in_features) if kind is SiteKind.ROUTED else None
     by_role: dict[str, list[ExpectedTensor]] = {"A": [], "B": [], "router": []}
@@ -184,8 +186,8 @@ def _stack_site(
     layer_scales = [spec.settings_for(proj, i).scale for i in range(num_layers)]
     for e in by_role["A"]:
         scale[e.layer, e.expert] = layer_scales[e.layer]
-    _fill(lora_a, by_role["A"], weights, rank_dim=0)  # A [R, in]
-    _fill(lora_b, by_role["B"], weights, rank_dim=1)  # B [out, R]
+    lora_a = _stacked((num_layers, num_experts, rank, in_features), by_role["A"], weights, 0)
+    lora_b = _stacked((num_layers, num_experts, out_features, rank), by_role["B"], weights, 1)
     for e in by_role["router"]:
         assert router is not None
         router[e.layer] = weights[e.key].to(torch.float32)
