@@ -95,11 +95,16 @@ def copy_into_file(
 ) -> tuple[dict[str, torch.Tensor], mmap.mmap | None]:
     """Copies of the tensors (any strides) as views of a shared mapping of path, an existing
     file: map_tensors' result, with each tensor copied straight into its place (no contiguous
-    temporary, no write call). A file shorter than the tensors is extended first. Raises
+    temporary, no write call). Every page the copies land in is allocated first: a write
+    through a mapping into a hole of a full tmpfs would be a SIGBUS, not an error. Raises
     OSError (no room, no file)."""
     places, length = file_places(tensors)
-    if os.path.getsize(path) < length:
-        os.truncate(path, length)
+    if length:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, length)
+        finally:
+            os.close(fd)
     mapped, mapping = map_tensors(path, places)
     for key, tensor in tensors.items():
         mapped[key].copy_(tensor)
