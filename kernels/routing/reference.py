@@ -142,12 +142,12 @@ def _row_settings(
         raise ValueError(f"routing rule(s) {sorted(unknown)} are not routed rules")
     masks = {r: (rule_rows == r)[:, None] for r in rules} if len(rules) > 1 else {}
     fields = {name for r in rules for name in _RULE_FIELDS[r]}
-    settings = {name: getattr(params, name)[slot_ids] for name in sorted(fields)}
+    per_row = {name: getattr(params, name)[slot_ids] for name in sorted(fields)}
     top_k_keep = None
     if _TOP_K in rules:
         top_k_keep = ranks[None, :] < params.top_k[slot_ids][:, None]
     return _RowSettings(
-        (slot_lo, span), slot_runs, rest_range, valid, rules, masks, settings, top_k_keep
+        (slot_lo, span), slot_runs, rest_range, valid, rules, masks, per_row, top_k_keep
     )
 
 
