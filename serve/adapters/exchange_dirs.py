@@ -120,14 +120,16 @@ class ExchangeFiles:
         with self._lock:
             return sum(self._spare.values())
 
+    def _take_spare(self) -> str | None:
+        with self._lock:
+            return self._spare.popitem()[0] if self._spare else None
+
     def take(self) -> str | None:
         """A spare file, else a new name in the folder (None: no folder)."""
         if self.folder is None:
             return None
-        with self._lock:
-            if self._spare:
-                return self._spare.popitem()[0]
-        return os.path.join(self.folder, f"{uuid.uuid4().hex}.tensors")
+        spare = self._take_spare()
+        return spare or os.path.join(self.folder, f"{uuid.uuid4().hex}.tensors")
 
     def host_copies(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Copies of tensors for the host tier (the pager's read-backs out of slots): in a
@@ -135,8 +137,7 @@ class ExchangeFiles:
         and then kept again; else in new memory. In a cold serving run on 2 vCPUs (a VM whose
         fresh pages fault in slowly: exchange_files.py) a 28 MB read-back into new memory
         took 38 ms on the engine thread (bench/RESULTS.md, session 28)."""
-        with self._lock:
-            path = self._spare.popitem()[0] if self._spare else None
+        path = self._take_spare()
         if path is None:
             return fresh_copies(tensors)
         try:
