@@ -13,13 +13,13 @@ instead, made safe by what it can reach rather than by what it checks:
   ``__setstate__``, ``__setattr__`` refuses), and calling one (REDUCE) only returns a `_Call`
   record, as inert. What the pickle builds is therefore only plain data (dicts, lists, tuples,
   numbers, strings) and our records; BUILD, SETITEM and APPEND on a stand-in or record fail.
-- The archive is opened with `torch._C.PyTorchFileReader`, which reads records and runs nothing:
-  ``torch.load(weights_only=False)`` would hand a TorchScript archive to ``torch.jit.load``.
-- Tensors are made afterwards, from the records, as views of a map of the file, each checked to
-  lie inside its own storage record, which must be stored uncompressed (as torch.save writes
-  them). The map is private: writes to the tensors stay in this process. Like
-  ``torch.load(mmap=True)``, it is not a snapshot: the file's bytes are read as the tensors are
-  used (the loader copies them at once), and a file truncated meanwhile raises SIGBUS.
+- The archive is read by `torch_archive.TorchArchive`: the zip module's directory and local
+  headers, nothing run (``torch.load(weights_only=False)`` would hand a TorchScript archive to
+  ``torch.jit.load``).
+- Tensors are made afterwards as views of the archive's private map of the file, each checked
+  to lie inside its own storage record, which must be stored uncompressed (as torch.save writes
+  them). The map is not a snapshot: the file's bytes are read as the tensors are used (the
+  loader copies them at once), and a file truncated meanwhile raises SIGBUS.
 
 Not closed, here or in torch's reader: a crafted pickle can hang either (a dict key of tuples
 nested as a DAG, whose hash takes 2**depth steps) or crash it (a key nested ~200,000 deep
@@ -35,13 +35,15 @@ an argument of an unusual form) raises `NotPlainStateDict`, and the caller reads
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import re
+import struct
 import zipfile
 from typing import Any, NoReturn
 
 import torch
+
+from mixserve.adapters.torch_archive import ArchiveError, TorchArchive
 
 # Storage classes a state dict names, by global name.
 _STORAGE_DTYPES = {
@@ -179,33 +181,14 @@ def _is_shape(value: object) -> bool:
 
 
 class _Storages:
-    """Each storage record of the archive as a typed 1-D tensor over the file's map, made once
-    per key and checked against the record's size."""
+    """Each storage the pickle names, as (values, first index, numel) over the archive's map;
+    one key is only ever named with one type and size."""
 
-    def __init__(self, reader: torch._C.PyTorchFileReader, path: str) -> None:
-        self._reader = reader
-        # What miniz does not say: how each record is stored. torch.save stores them all;
-        # a compressed record's bytes at its offset are not its values. Each record's
-        # (local header offset, size) as the zip module reads the directory, for records stored
-        # uncompressed; `get` requires miniz to name the same local header.
-        with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
-        names = [entry.filename for entry in entries]
-        if not entries or len(set(names)) != len(names):
-            _refuse("an archive with no records or with two of one name")
-        prefix = names[0].split("/", 1)[0] + "/"
-        self._stored: dict[str, tuple[int, int]] = {
-            entry.filename.removeprefix(prefix): (entry.header_offset, entry.file_size)
-            for entry in entries
-            if entry.compress_type == zipfile.ZIP_STORED and entry.compress_size == entry.file_size
-        }
-        try:
-            self._file = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
-        except RuntimeError as exc:
-            raise NotPlainStateDict(f"cannot map the file ({exc})") from exc
-        self._made: dict[str, tuple[torch.dtype, int, torch.Tensor]] = {}
+    def __init__(self, archive: TorchArchive) -> None:
+        self._archive = archive
+        self._made: dict[str, tuple[torch.dtype, int, torch.Tensor, int]] = {}
 
-    def get(self, ref: object) -> torch.Tensor:
+    def get(self, ref: object) -> tuple[torch.Tensor, int, int]:
         if not (isinstance(ref, _Call) and ref.name == "storage"):
             _refuse("a tensor without a storage")
         storage_type, key, location, numel = ref.args
@@ -215,25 +198,12 @@ class _Storages:
             _refuse("a storage id of an unusual form")
         dtype = _STORAGE_DTYPES[storage_type.name]
         made = self._made.get(key)
-        if made is not None:
-            if made[:2] != (dtype, numel):
-                _refuse(f"storage {key} is named with two types or sizes")
-            return made[2]
-        record = f"data/{key}"
-        if not self._reader.has_record(record):
-            _refuse(f"no record {record}")
-        nbytes = numel * dtype.itemsize
-        stored = self._stored.get(record)
-        if self._reader.get_record_size(record) != nbytes or stored is None or stored[1] != nbytes:
-            _refuse(f"record {record} does not hold {numel} {dtype} values")
-        if self._reader.get_record_header_offset(record) != stored[0]:
-            # miniz found another entry than the zip module (names it compares otherwise,
-            # or a second central directory): the bytes it would read are not vouched for.
-            _refuse(f"record {record} is not the stored entry of that name")
-        offset = self._reader.get_record_offset(record)
-        storage = torch.empty(0, dtype=dtype).set_(self._file[offset : offset + nbytes])
-        self._made[key] = (dtype, numel, storage)
-        return storage
+        if made is None:
+            values, first = self._archive.values(key, dtype, numel)
+            made = self._made[key] = (dtype, numel, values, first)
+        elif made[:2] != (dtype, numel):
+            _refuse(f"storage {key} is named with two types or sizes")
+        return made[2], made[3], numel
 
 
 def _tensor(value: object, storages: _Storages) -> torch.Tensor:
@@ -255,12 +225,12 @@ def _tensor(value: object, storages: _Storages) -> torch.Tensor:
         _refuse("a tensor with hooks or mismatched size and stride")
     if len(args) == 7 and args[6] not in (None, {}):
         _refuse("a tensor with metadata")
-    storage = storages.get(storage_ref)
+    values, first, numel = storages.get(storage_ref)
     if 0 not in size:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
-        if last >= storage.shape[0]:
+        if last >= numel:
             _refuse("a tensor past the end of its storage")
-    return storage.as_strided(size, stride, offset)
+    return values.as_strided(size, stride, first + offset)
 
 
 def read_bin_state_dict(path: str) -> dict[Any, torch.Tensor]:
@@ -272,30 +242,28 @@ def read_bin_state_dict(path: str) -> dict[Any, torch.Tensor]:
     """
     try:
         return _read(path)
-    except (RuntimeError, OSError, zipfile.BadZipFile, ValueError, OverflowError) as exc:
-        # torch's own reader errors (a damaged record, a tensor too large to index), the zip
-        # module's, or the file's.
+    except zipfile.BadZipFile as exc:  # torch's legacy format, or not torch's
+        raise NotPlainStateDict(f"not a torch zip archive ({exc})") from exc
+    except ArchiveError as exc:
+        raise NotPlainStateDict(str(exc)) from exc
+    except (RuntimeError, OSError, ValueError, OverflowError, struct.error) as exc:
+        # A damaged archive or record (the zip module's, the map's or torch's errors: a tensor
+        # too large to index).
         raise NotPlainStateDict(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _read(path: str) -> dict[Any, torch.Tensor]:
-    try:
-        reader = torch._C.PyTorchFileReader(path)
-    except RuntimeError as exc:  # not a zip archive: torch's legacy format, or not torch's
-        raise NotPlainStateDict(f"not a torch zip archive ({exc})") from exc
-    if reader.has_record("byteorder") and reader.get_record("byteorder") != b"little":
+    archive = TorchArchive(path)
+    if archive.byteorder not in (None, b"little"):
         _refuse("a big-endian file")
-    if not reader.has_record("data.pkl"):
-        _refuse("no data.pkl")
-    data = reader.get_record("data.pkl")
-    _check_opcodes(data)
+    _check_opcodes(archive.data_pkl)
     try:
-        loaded = _Unpickler(io.BytesIO(data)).load()
+        loaded = _Unpickler(io.BytesIO(archive.data_pkl)).load()
     except NotPlainStateDict:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here only means "not plain"
         raise NotPlainStateDict(f"unpickling failed ({type(exc).__name__}: {exc})") from exc
     if type(loaded) is not dict:
         _refuse("not a dict")
-    storages = _Storages(reader, path)
+    storages = _Storages(archive)
     return {key: _tensor(value, storages) for key, value in loaded.items()}

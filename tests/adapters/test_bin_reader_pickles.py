@@ -79,16 +79,54 @@ def test_long_runs_scan_in_little_memory_and_still_end_at_a_refused_opcode():
         bin_reader._check_opcodes(marks + b"b.")
 
 
-def test_a_record_miniz_finds_elsewhere_is_refused(tmp_path):
-    """miniz looks names up without case: a deflated DATA/0 ahead of the stored data/0 is what
-    torch's reader reads, though the zip module vouches for data/0."""
+def test_names_differing_only_in_case_are_refused(tmp_path):
+    """torch's reader (miniz) looks names up without case: it would read the deflated DATA/0
+    where the zip module's directory gives the stored data/0."""
     file = str(tmp_path / "w.bin")
     with zipfile.ZipFile(file, "w") as archive:
         archive.writestr("archive/data.pkl", tensor_dict_pickle((4,), (1,)))
         archive.writestr("archive/version", b"3\n")
         archive.writestr("archive/DATA/0", bytes(range(16)), zipfile.ZIP_DEFLATED)
         archive.writestr("archive/data/0", bytes(16))
-    with pytest.raises(NotPlainStateDict, match="not the stored entry"):
+    with pytest.raises(NotPlainStateDict, match="but for case"):
+        read_bin_state_dict(file)
+
+
+def _zip_archive(file: str, records: dict[str, bytes]) -> str:
+    """A zip of stored records with no alignment (the zip module's writer), data.pkl first."""
+    with zipfile.ZipFile(file, "w") as archive:
+        for name, data in records.items():
+            archive.writestr(f"archive/{name}", data)
+    return file
+
+
+def test_a_record_not_aligned_to_its_dtype_reads_at_its_own_offset(tmp_path):
+    values = torch.arange(4.0)
+    pickle_bytes = tensor_dict_pickle((4,), (1,))
+    for pad in range(4):  # a record before data/0 that moves its bytes off a 4-byte boundary
+        file = _zip_archive(
+            str(tmp_path / f"w{pad}.bin"),
+            {"data.pkl": pickle_bytes, "pad": bytes(pad), "data/0": values.numpy().tobytes()},
+        )
+        with zipfile.ZipFile(file) as archive:
+            info = archive.getinfo("archive/data/0")
+        if (info.header_offset + 30 + len(info.filename)) % 4:
+            break
+    else:
+        pytest.fail("no padding put the record off a 4-byte boundary")
+    assert_same(read_bin_state_dict(file), {"w": values})
+
+
+def test_a_local_header_that_is_not_one_is_refused(tmp_path):
+    file = _zip_archive(
+        str(tmp_path / "w.bin"), {"data.pkl": tensor_dict_pickle((4,), (1,)), "data/0": bytes(16)}
+    )
+    with zipfile.ZipFile(file) as archive:
+        offset = archive.getinfo("archive/data/0").header_offset
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        f.write(b"PK\x09\x09")
+    with pytest.raises(NotPlainStateDict, match="no local header"):
         read_bin_state_dict(file)
 
 
