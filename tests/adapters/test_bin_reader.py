@@ -20,6 +20,7 @@ from support.state_dicts import (
     write_archive,
 )
 
+import mixserve.adapters.bin_reader as bin_reader
 from mixserve.adapters.bin_reader import NotPlainStateDict, read_bin_state_dict
 
 
@@ -119,3 +120,34 @@ def test_a_tensor_outside_its_record_is_refused(tmp_path, data_pkl, records, rea
     file = write_archive(str(tmp_path / "w.bin"), data_pkl, records)
     with pytest.raises(NotPlainStateDict, match=reason):
         read_bin_state_dict(file)
+
+
+class _MustNotUnpickle:
+    def __init__(self, *args: object) -> None:
+        raise AssertionError("unpickled a pickle already read")
+
+
+def test_a_pickle_read_before_is_not_unpickled_again_and_views_each_files_values(
+    tmp_path, monkeypatch
+):
+    first, second = str(tmp_path / "a.bin"), str(tmp_path / "b.bin")
+    torch.save({"w": torch.zeros(3, 2), "v": torch.zeros(4)}, first)
+    second_values = {"w": torch.randn(3, 2), "v": torch.randn(4)}
+    torch.save(second_values, second)
+    bin_reader._tensor_records.cache_clear()
+    assert_same(read_bin_state_dict(first), {"w": torch.zeros(3, 2), "v": torch.zeros(4)})
+    monkeypatch.setattr(bin_reader, "_Unpickler", _MustNotUnpickle)
+    assert_same(read_bin_state_dict(second), second_values)
+
+
+def test_a_pickle_read_before_still_has_each_files_records_checked(tmp_path):
+    data_pkl = tensor_dict_pickle((4,), (1,))
+    bin_reader._tensor_records.cache_clear()
+    good = write_archive(str(tmp_path / "good.bin"), data_pkl, FOUR_FLOATS)
+    assert_same(read_bin_state_dict(good), {"w": torch.zeros(4)})
+    short = write_archive(str(tmp_path / "short.bin"), data_pkl, {"data/0": bytes(8)})
+    with pytest.raises(NotPlainStateDict, match="does not hold"):
+        read_bin_state_dict(short)
+    missing = write_archive(str(tmp_path / "missing.bin"), data_pkl, {})
+    with pytest.raises(NotPlainStateDict, match="no record"):
+        read_bin_state_dict(missing)
