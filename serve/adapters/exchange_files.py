@@ -1,21 +1,21 @@
 """Tensors through a file on shared memory, from a load worker to the engine process.
 
-The worker writes each tensor's bytes at an aligned offset (`write_tensors`) and sends the
-places in its reply; the engine maps the file and views the tensors in place (`map_tensors`),
-with no copy: the mapping is the adapter's host-tier copy.
+The worker makes each tensor at an aligned offset of a shared mapping of the file
+(`tensors_in_file`), stacks the adapter straight into them and sends their places in its reply;
+the engine maps the file and views the tensors in place (`map_tensors`), with no copy: the
+mapping is the adapter's host-tier copy.
 
-A file is written in place, never truncated, so that the engine can hand it to a later load
-once nothing maps it any more (process_loader.py): that load's bytes then land in pages that
-exist. Fresh pages are what this saves, and they can cost far more than the copy: on a VM that
-reports freed memory to its host, writing a 28 MB adapter into a new file took 130-200 ms of
-the worker's CPU in a serving run, against 4 ms into a reused one (bench/RESULTS.md, session
+A file is written in place, never truncated first, so that the engine can hand it to a later
+load once nothing maps it any more (process_loader.py): that load's bytes then land in pages
+that exist. Fresh pages are what this saves, and they can cost far more than the copy: on a VM
+that reports freed memory to its host, writing a 28 MB adapter into a new file took 130-200 ms
+of the worker's CPU in a serving run, against 4 ms into a reused one (bench/RESULTS.md, session
 25).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import mmap
 import os
@@ -59,53 +59,51 @@ def fresh_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to("cpu", copy=True, memory_format=torch.contiguous_format) for t in tensors]
 
 
-def file_places(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, FileTensor], int]:
-    """Where write_tensors puts each tensor, and the bytes up to the end of the last one."""
+def file_places(
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+) -> tuple[dict[str, FileTensor], int]:
+    """Where tensors of layout (name -> dtype, shape) lie in an exchange file, each at the next
+    aligned offset in order, and the bytes up to the end of the last one."""
     places: dict[str, FileTensor] = {}
     offset = end = 0
-    for key, tensor in tensors.items():
-        place = FileTensor(dtype_name(tensor.dtype), tuple(tensor.shape), offset)
+    for key, (dtype, shape) in layout.items():
+        place = FileTensor(dtype_name(dtype), shape, offset)
         places[key] = place
         end = offset + place.nbytes
         offset += -(-place.nbytes // _ALIGN) * _ALIGN
     return places, end
 
 
-def write_tensors(tensors: dict[str, torch.Tensor], path: str) -> dict[str, FileTensor]:
-    """Writes the tensors into path (created where missing) in place, past nothing it does
-    not need: a longer file keeps its tail and its size. Raises OSError (no room, no folder)."""
-    places, _ = file_places(tensors)
+def layout_of(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    return {key: (tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors.items()}
+
+
+def tensors_in_file(
+    path: str, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+) -> tuple[dict[str, torch.Tensor], mmap.mmap | None, dict[str, FileTensor]]:
+    """Uninitialised tensors of layout (name -> dtype, shape) as views of a shared mapping of
+    path (created where missing; a longer file keeps its tail), that mapping (map_tensors'),
+    and their places. Every page they lie in is allocated first: a write through a mapping
+    into a hole of a full tmpfs would be a SIGBUS, not an error. Raises OSError (no room, no
+    folder)."""
+    places, length = file_places(layout)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        for key, tensor in tensors.items():
-            raw = raw_bytes(tensor.detach().contiguous())
-            offset, written = places[key].offset, 0
-            while written < raw.nbytes:  # a write may be short (a signal, a full filesystem)
-                count = os.pwrite(fd, raw[written:], offset + written)
-                if count == 0:
-                    raise OSError(errno.ENOSPC, f"no room to write {path}")
-                written += count
+        if length:
+            os.posix_fallocate(fd, 0, length)
     finally:
         os.close(fd)
-    return places
+    mapped, mapping = map_tensors(path, places, trim_spare=False)
+    return mapped, mapping, places
 
 
 def copy_into_file(
     tensors: dict[str, torch.Tensor], path: str
 ) -> tuple[dict[str, torch.Tensor], mmap.mmap | None]:
-    """Copies of the tensors (any strides) as views of a shared mapping of path, an existing
-    file: map_tensors' result, with each tensor copied straight into its place (no contiguous
-    temporary, no write call). Every page the copies land in is allocated first: a write
-    through a mapping into a hole of a full tmpfs would be a SIGBUS, not an error. Raises
-    OSError (no room, no file)."""
-    places, length = file_places(tensors)
-    if length:
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, length)
-        finally:
-            os.close(fd)
-    mapped, mapping = map_tensors(path, places)
+    """Copies of the tensors (any strides) as views of a shared mapping of path: map_tensors'
+    result, with each tensor copied straight into its place (tensors_in_file: no contiguous
+    temporary, no write call). Raises OSError (no room, no folder)."""
+    mapped, mapping, _ = tensors_in_file(path, layout_of(tensors))
     for key, tensor in tensors.items():
         mapped[key].copy_(tensor)
     return mapped, mapping
@@ -130,12 +128,13 @@ def raise_open_files_limit() -> None:
 
 
 def map_tensors(
-    path: str, places: dict[str, FileTensor]
+    path: str, places: dict[str, FileTensor], trim_spare: bool = True
 ) -> tuple[dict[str, torch.Tensor], mmap.mmap | None]:
     """The tensors at their places in path, as views of one shared mapping of it, and that
     mapping (None where there are no bytes to map): it lives as long as any of the tensors, so
-    a weak reference to it tells when the file is free. Raises OSError where the file is
-    missing or ends inside a tensor."""
+    a weak reference to it tells when the file is free. With trim_spare, a file over twice as
+    long as the tensors loses its tail. Raises OSError where the file is missing or ends inside
+    a tensor."""
     length = max((place.offset + place.nbytes for place in places.values()), default=0)
     fd = os.open(path, os.O_RDWR)
     try:
@@ -153,7 +152,7 @@ def map_tensors(
         mapping = mmap.mmap(
             fd, length, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, **_NO_FD_KEPT
         )
-        if size > 2 * length:  # a spare file of a bigger adapter: its tail is memory unused
+        if trim_spare and size > 2 * length:  # a spare of a bigger adapter: its tail is unused
             os.ftruncate(fd, length)
     finally:
         os.close(fd)

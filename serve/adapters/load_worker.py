@@ -43,13 +43,15 @@ from mixserve.adapters.exchange_files import (
     dtype_name,
     map_tensors,
     raw_bytes,
-    write_tensors,
+    tensors_in_file,
 )
 from mixserve.adapters.files import AdapterFiles
+from mixserve.adapters.loader import load_adapter, new_host_tensors
 from mixserve.adapters.spec import AdapterSpec, SiteKind
-from mixserve.adapters.weights import AdapterWeights, SiteWeights
+from mixserve.adapters.weights import FFN_ROUTER, AdapterWeights, SiteWeights, site_tensor_name
 from mixserve.cpu_memory import keep_freed_memory
 from mixserve.gc_freeze import freeze_startup_objects
+from mixserve.model.arch import ArchConfig
 
 READY = "ready"  # a worker's first reply: its imports are done
 # "1": the worker keeps freed heap memory (set by the engine side, ProcessLoader)
@@ -90,20 +92,6 @@ class PackedWeights:
     file_tensors: dict[str, FileTensor] = field(default_factory=dict)
 
 
-def _named_tensors(weights: AdapterWeights) -> dict[str, torch.Tensor]:
-    """Every tensor of the weights under a flat name (unpack_weights reads them back)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for proj, site in weights.sites.items():
-        tensors[f"{proj}.lora_a"] = site.lora_a
-        tensors[f"{proj}.lora_b"] = site.lora_b
-        tensors[f"{proj}.scale"] = site.scale
-        if site.router is not None:
-            tensors[f"{proj}.router"] = site.router
-    if weights.ffn_router is not None:
-        tensors["ffn_router"] = weights.ffn_router
-    return tensors
-
-
 # Free space an exchange folder's filesystem keeps for other loads and processes: below it,
 # unpacked tensors are copied out of their file instead of keeping it mapped.
 MIN_FREE_SHARED_BYTES = 1 << 30
@@ -117,20 +105,10 @@ def _room_to_keep_mapped(exchange_file: str) -> bool:
     return stats.f_bavail * stats.f_frsize >= MIN_FREE_SHARED_BYTES
 
 
-def pack_weights(weights: AdapterWeights, exchange_file: str | None = None) -> PackedWeights:
-    """The weights as a skeleton plus their tensors: written into exchange_file (a path the
-    engine chose and owns: it removes or reuses the file whatever becomes of this worker) or,
-    where that cannot be written or is None, as raw bytes."""
-    tensors = _named_tensors(weights)
+def pack_weights(weights: AdapterWeights) -> PackedWeights:
+    """The weights as a skeleton plus their tensors as raw bytes (for the pipe)."""
     kinds = {proj: site.kind for proj, site in weights.sites.items()}
-    if exchange_file is not None:
-        try:
-            places = write_tensors(tensors, exchange_file)
-            return PackedWeights(weights.spec, weights.files, kinds, {}, exchange_file, places)
-        except OSError:  # no room, no folder: the pipe carries the bytes
-            with contextlib.suppress(OSError):
-                os.unlink(exchange_file)  # a half-written file would hold memory of a full one
-    packed = {key: PackedTensor.of(t) for key, t in tensors.items()}
+    packed = {key: PackedTensor.of(t) for key, t in weights.named_tensors().items()}
     return PackedWeights(weights.spec, weights.files, kinds, packed)
 
 
@@ -153,20 +131,54 @@ def unpack_weights(packed: PackedWeights) -> tuple[AdapterWeights, mmap.mmap | N
     sites = {
         proj: SiteWeights(
             kind=kind,
-            lora_a=tensors[f"{proj}.lora_a"],
-            lora_b=tensors[f"{proj}.lora_b"],
-            scale=tensors[f"{proj}.scale"],
-            router=tensors.get(f"{proj}.router"),
+            lora_a=tensors[site_tensor_name(proj, "lora_a")],
+            lora_b=tensors[site_tensor_name(proj, "lora_b")],
+            scale=tensors[site_tensor_name(proj, "scale")],
+            router=tensors.get(site_tensor_name(proj, "router")),
         )
         for proj, kind in packed.site_kinds.items()
     }
-    weights = AdapterWeights(packed.spec, sites, tensors.get("ffn_router"), packed.files)
+    weights = AdapterWeights(packed.spec, sites, tensors.get(FFN_ROUTER), packed.files)
     return weights, mapping
 
 
-def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
-    from mixserve.adapters.loader import load_adapter
+class _ExchangeTarget:
+    """new_tensors for a load: the stacks made straight in the exchange file (no stacking
+    buffer and no copy into the file after it: ~3 ms of a 28 MB load's ~15), else, where the
+    file cannot take them (no room, no folder, none given), in this process's memory."""
 
+    def __init__(self, exchange_file: str | None) -> None:
+        self.exchange_file = exchange_file
+        self.places: dict[str, FileTensor] | None = None
+
+    def __call__(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        if self.exchange_file is not None:
+            layout = {name: (torch.float32, shape) for name, shape in shapes.items()}
+            try:
+                tensors, _, self.places = tensors_in_file(self.exchange_file, layout)
+                return tensors
+            except OSError:  # no room, no folder: the pipe carries the bytes
+                with contextlib.suppress(OSError):
+                    os.unlink(self.exchange_file)  # a half-allocated file holds memory
+        return new_host_tensors(shapes)
+
+
+def load_packed(
+    name: str, path: str, arch: ArchConfig, exchange_file: str | None = None
+) -> PackedWeights:
+    """load_adapter's weights, packed: made in exchange_file (a path the engine chose and owns:
+    it removes or reuses the file whatever becomes of this worker) or, where that cannot take
+    them or is None, as raw bytes. The tensors made here die on return (the file stays)."""
+    target = _ExchangeTarget(exchange_file)
+    weights = load_adapter(name, path, arch, target)
+    if target.places is None:
+        return pack_weights(weights)
+    assert target.places.keys() == weights.named_tensors().keys()
+    kinds = {proj: site.kind for proj, site in weights.sites.items()}
+    return PackedWeights(weights.spec, weights.files, kinds, {}, exchange_file, target.places)
+
+
+def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
     pickle.dump(READY, replies, pickle.HIGHEST_PROTOCOL)
     replies.flush()
     while True:
@@ -175,8 +187,7 @@ def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
         except EOFError:
             return
         try:
-            weights = load_adapter(name, path, arch)
-            reply: tuple[bool, Any] = (True, pack_weights(weights, exchange_file))
+            reply: tuple[bool, Any] = (True, load_packed(name, path, arch, exchange_file))
         except AdapterError as exc:
             reply = (False, exc)
         except Exception as exc:  # noqa: BLE001 - any failure fails this adapter only

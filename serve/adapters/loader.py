@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -30,7 +31,7 @@ from mixserve.adapters.layout import (
     targets_from_keys,
 )
 from mixserve.adapters.spec import AdapterFamily, AdapterSpec, SiteKind
-from mixserve.adapters.weights import AdapterWeights, SiteWeights
+from mixserve.adapters.weights import FFN_ROUTER, AdapterWeights, SiteWeights, site_tensor_name
 from mixserve.model.arch import ArchConfig
 
 logger = logging.getLogger(__name__)
@@ -38,13 +39,24 @@ logger = logging.getLogger(__name__)
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
-def load_adapter(name: str, adapter_dir: str, arch: ArchConfig) -> AdapterWeights:
+# Given each stacked tensor's name and shape, float32 tensors of those shapes (any values) for
+# the loader to fill: where the stacks are made (the load worker makes them in its exchange file).
+NewTensors = Callable[[dict[str, tuple[int, ...]]], dict[str, torch.Tensor]]
+
+
+def new_host_tensors(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    return {name: torch.empty(shape) for name, shape in shapes.items()}
+
+
+def load_adapter(
+    name: str, adapter_dir: str, arch: ArchConfig, new_tensors: NewTensors = new_host_tensors
+) -> AdapterWeights:
     files = find_adapter_files(name, adapter_dir)
     spec = parse_adapter_config(name, files.config_path, read_config(name, files.config_path))
     weights = read_weights(name, files.weights_path)
     if spec.legacy_names:
         weights = rename_legacy(weights)
-    return assemble_adapter(spec, weights, arch, files)
+    return assemble_adapter(spec, weights, arch, files, new_tensors)
 
 
 def _reject_unsupported(spec: AdapterSpec, weights: dict[str, torch.Tensor], file: str) -> None:
@@ -135,33 +147,50 @@ def _check_finite(
 
 
 def _stacked(
-    shape: tuple[int, ...],
+    out: torch.Tensor,
     entries: list[ExpectedTensor],
     weights: dict[str, torch.Tensor],
     rank_dim: int,
-) -> torch.Tensor:
-    """[L, E, ...] = shape: each entry's tensor at [layer, expert], filling its first rows along
+) -> None:
+    """Fills out [L, E, ...]: each entry's tensor at [layer, expert], in its first rows along
     rank_dim (a lower rank than the site's largest is zero-padded, as are missing places).
     Where the entries are the full grid at the trailing shape (no rank pattern, no layer gaps),
-    one stack into uninitialised memory instead of a slice copy per tensor into zeros: a
-    MoE-PEFT MixLoRA file has ~1000 tensors, and zeroing its 28 MB first cost a pass."""
-    num_layers, num_experts = shape[:2]
+    one stack into out instead of zeroing it and a slice copy per tensor: a MoE-PEFT MixLoRA
+    file has ~1000 tensors, and zeroing its 28 MB first cost a pass."""
+    num_layers, num_experts = out.shape[:2]
+    trailing = out.shape[2:]
     by_place = {(e.layer, e.expert): e.key for e in entries}
     if len(by_place) == len(entries) == num_layers * num_experts:
         values = [weights[by_place[(i, j)]] for i in range(num_layers) for j in range(num_experts)]
-        if all(v.shape == shape[2:] for v in values):
-            out = torch.empty(shape)
-            flat = out.view(num_layers * num_experts, *shape[2:])
+        if all(v.shape == trailing for v in values):
+            flat = out.view(num_layers * num_experts, *trailing)
             if all(v.dtype == out.dtype for v in values):
                 torch.stack(values, out=flat)
             else:  # a half-precision file: the stack's one temporary is at its own size
                 flat.copy_(torch.stack(values))
-            return out
-    out = torch.zeros(shape)
+            return
+    out.zero_()
     for e in entries:
         value = weights[e.key]
         out[e.layer, e.expert].narrow(rank_dim, 0, value.shape[rank_dim]).copy_(value)
-    return out
+
+
+def _stacked_shapes(spec: AdapterSpec, arch: ArchConfig) -> dict[str, tuple[int, ...]]:
+    """Each stacked tensor's shape, by its AdapterWeights.named_tensors name."""
+    num_layers = arch.num_layers
+    shapes: dict[str, tuple[int, ...]] = {}
+    for proj in spec.target_modules:
+        num_experts = spec.site_experts(proj)
+        rank = spec.max_rank(proj, num_layers)
+        in_features, out_features = arch.projection_shape(proj)
+        shapes[site_tensor_name(proj, "lora_a")] = (num_layers, num_experts, rank, in_features)
+        shapes[site_tensor_name(proj, "lora_b")] = (num_layers, num_experts, out_features, rank)
+        shapes[site_tensor_name(proj, "scale")] = (num_layers, num_experts)
+        if spec.site_kind(proj) is SiteKind.ROUTED:
+            shapes[site_tensor_name(proj, "router")] = (num_layers, num_experts, in_features)
+    if spec.family is AdapterFamily.MIXLORA:
+        shapes[FFN_ROUTER] = (num_layers, spec.num_experts, arch.hidden_size)
+    return shapes
 
 
 def _stack_site(
@@ -170,36 +199,43 @@ def _stack_site(
     arch: ArchConfig,
     entries: list[ExpectedTensor],
     weights: dict[str, torch.Tensor],
+    out: dict[str, torch.Tensor],
 ) -> SiteWeights:
-    """The site's tensors (entries: every expected tensor of proj) stacked per layer and expert,
-    zero-padded to the site's largest rank."""
+    """The site's tensors (entries: every expected tensor of proj) stacked per layer and expert
+    into out's tensors of the site, zero-padded to the site's largest rank."""
     num_layers = arch.num_layers
-    kind = spec.site_kind(proj)
-    num_experts = spec.site_experts(proj)
-    rank = spec.max_rank(proj, num_layers)
-    in_features, out_features = arch.projection_shape(proj)
-    router = torch.zeros(num_layers, num_experts, in_features) if kind is SiteKind.ROUTED else None
+    lora_a, lora_b = out[site_tensor_name(proj, "lora_a")], out[site_tensor_name(proj, "lora_b")]
+    scale = out[site_tensor_name(proj, "scale")]
+    router = out.get(site_tensor_name(proj, "router"))
     by_role: dict[str, list[ExpectedTensor]] = {"A": [], "B": [], "router": []}
     for e in entries:
         by_role[e.role].append(e)
     layer_scales = [spec.settings_for(proj, i).scale for i in range(num_layers)]
     # Built as a list: a tensor item assignment per expert cost ~1.5 ms of a 1000-tensor load.
-    scale_rows = [[0.0] * num_experts for _ in range(num_layers)]
+    scale_rows = [[0.0] * scale.shape[1] for _ in range(num_layers)]
     for e in by_role["A"]:
         scale_rows[e.layer][e.expert] = layer_scales[e.layer]
-    scale = torch.tensor(scale_rows, dtype=torch.float32).view(num_layers, num_experts)
-    lora_a = _stacked((num_layers, num_experts, rank, in_features), by_role["A"], weights, 0)
-    lora_b = _stacked((num_layers, num_experts, out_features, rank), by_role["B"], weights, 1)
-    for e in by_role["router"]:
-        assert router is not None
-        router[e.layer] = weights[e.key].to(torch.float32)
-    return SiteWeights(kind=kind, lora_a=lora_a, lora_b=lora_b, scale=scale, router=router)
+    scale.copy_(torch.tensor(scale_rows, dtype=torch.float32).view(scale.shape))
+    _stacked(lora_a, by_role["A"], weights, 0)
+    _stacked(lora_b, by_role["B"], weights, 1)
+    if router is not None:
+        router.zero_()
+        for e in by_role["router"]:
+            router[e.layer] = weights[e.key]
+    return SiteWeights(
+        kind=spec.site_kind(proj), lora_a=lora_a, lora_b=lora_b, scale=scale, router=router
+    )
 
 
 def assemble_adapter(
-    spec: AdapterSpec, weights: dict[str, torch.Tensor], arch: ArchConfig, files: AdapterFiles
+    spec: AdapterSpec,
+    weights: dict[str, torch.Tensor],
+    arch: ArchConfig,
+    files: AdapterFiles,
+    new_tensors: NewTensors = new_host_tensors,
 ) -> AdapterWeights:
-    """Check every tensor the spec implies against the base model, then stack per site."""
+    """Check every tensor the spec implies against the base model, then stack per site into
+    tensors new_tensors makes."""
     file = files.weights_path
     _reject_unsupported(spec, weights, file)
     prefix = spec.key_prefix or peft_prefix(spec, weights, file)
@@ -226,18 +262,17 @@ def assemble_adapter(
     by_projection: dict[str | None, list[ExpectedTensor]] = {}
     for e in expected.values():
         by_projection.setdefault(e.projection, []).append(e)
+    out = new_tensors(_stacked_shapes(spec, arch))
     sites = {
-        proj: _stack_site(spec, proj, arch, by_projection.get(proj, []), weights)
+        proj: _stack_site(spec, proj, arch, by_projection.get(proj, []), weights, out)
         for proj in spec.target_modules
     }
-    ffn_router = None
-    if spec.family is AdapterFamily.MIXLORA:
-        ffn_router = torch.stack(
-            [
-                weights[f"{prefix}.layers.{i}.mlp.moe_gate.weight"].to(torch.float32)
-                for i in range(arch.num_layers)
-            ]
-        )
+    ffn_router = out.get(FFN_ROUTER)
+    if ffn_router is not None:
+        routers = [
+            weights[f"{prefix}.layers.{i}.mlp.moe_gate.weight"] for i in range(arch.num_layers)
+        ]
+        ffn_router.copy_(torch.stack(routers))
     adapter = AdapterWeights(spec=spec, sites=sites, ffn_router=ffn_router, files=files)
     # The stacks hold every expected tensor: sites stack each key of their projection, and the
     # MixLoRA FFN routers (projection None) are stacked above; anything else is checked alone.

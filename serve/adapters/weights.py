@@ -15,6 +15,13 @@ import torch
 from mixserve.adapters.files import AdapterFiles
 from mixserve.adapters.spec import AdapterSpec, SiteKind
 
+FFN_ROUTER = "ffn_router"  # AdapterWeights.named_tensors' name of the MixLoRA FFN routers
+
+
+def site_tensor_name(proj: str, part: str) -> str:
+    """A site tensor's flat name: part is lora_a, lora_b, scale or router."""
+    return f"{proj}.{part}"
+
 
 @dataclass(frozen=True, slots=True)
 class SiteWeights:
@@ -50,14 +57,21 @@ class AdapterWeights:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor, in the order map_tensors visits them."""
-        out = []
-        for site in self.sites.values():
-            out += [site.lora_a, site.lora_b, site.scale]
+        return list(self.named_tensors().values())
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor under its flat name (site_tensor_name, FFN_ROUTER), in the order
+        map_tensors visits them."""
+        named: dict[str, torch.Tensor] = {}
+        for proj, site in self.sites.items():
+            named[site_tensor_name(proj, "lora_a")] = site.lora_a
+            named[site_tensor_name(proj, "lora_b")] = site.lora_b
+            named[site_tensor_name(proj, "scale")] = site.scale
             if site.router is not None:
-                out.append(site.router)
+                named[site_tensor_name(proj, "router")] = site.router
         if self.ffn_router is not None:
-            out.append(self.ffn_router)
-        return out
+            named[FFN_ROUTER] = self.ffn_router
+        return named
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AdapterWeights:
         """The same adapter with fn applied to every tensor (pinning, moving, copying)."""

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mixserve.adapters.exchange_files import map_tensors, raise_open_files_limit, write_tensors
+from mixserve.adapters.exchange_files import copy_into_file, raise_open_files_limit
 
 resource = pytest.importorskip("resource")
 
@@ -32,7 +32,7 @@ def test_a_mapping_with_live_tensors_cannot_be_closed(tmp_path):
         "a": torch.arange(6, dtype=torch.float32).view(2, 3),
         "b": torch.ones((), dtype=torch.bfloat16),
     }
-    tensors, mapping = map_tensors(path, write_tensors(want, path))
+    tensors, mapping = copy_into_file(want, path)
     assert mapping is not None
     with pytest.raises(BufferError):
         mapping.close()

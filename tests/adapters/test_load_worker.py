@@ -3,6 +3,7 @@ same typed errors as an in-process load_adapter, and a dead worker fails only it
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import pickle
@@ -27,7 +28,7 @@ from mixserve.adapters import (
     load_worker,
 )
 from mixserve.adapters.errors import BaseModelMismatchError
-from mixserve.adapters.load_worker import pack_weights, unpack_weights
+from mixserve.adapters.load_worker import load_packed, unpack_weights
 from mixserve.adapters.process_loader import ProcessLoader
 
 
@@ -56,14 +57,26 @@ def room_to_map(monkeypatch):
     monkeypatch.setattr(load_worker, "MIN_FREE_SHARED_BYTES", 0)
 
 
-@pytest.mark.parametrize("through", ["pipe", "exchange_file", "missing_folder"])
-def test_pack_and_unpack_keep_every_tensor(tmp_path, arch, through, room_to_map):
-    weights = load_adapter("a", write(tmp_path, "a", "mola", seed=1), arch)
-    folder = {"pipe": None, "exchange_file": tmp_path / "x", "missing_folder": tmp_path / "gone"}
-    if through == "exchange_file":
-        folder[through].mkdir()
-    file = None if folder[through] is None else str(folder[through] / "w.tensors")
-    packed = pickle.loads(pickle.dumps(pack_weights(weights, file)))
+@pytest.mark.parametrize("strategy", ["mixlora", "mola", None])
+@pytest.mark.parametrize("through", ["pipe", "exchange_file", "missing_folder", "full_folder"])
+def test_pack_and_unpack_keep_every_tensor(
+    tmp_path, arch, monkeypatch, through, strategy, room_to_map
+):
+    path = write(tmp_path, "a", strategy, seed=1)
+    weights = load_adapter("a", path, arch)
+    folder = {"pipe": None, "missing_folder": tmp_path / "gone"}.get(through, tmp_path / "x")
+    if folder is not None and through != "missing_folder":
+        folder.mkdir()
+    if through == "full_folder":
+
+        def no_room(fd: int, offset: int, length: int) -> None:
+            raise OSError(errno.ENOSPC, "no space left")
+
+        monkeypatch.setattr(os, "posix_fallocate", no_room)
+    file = None if folder is None else str(folder / "w.tensors")
+    packed = pickle.loads(pickle.dumps(load_packed("a", path, arch, file)))
+    if through == "full_folder":
+        assert not os.path.exists(file), "a file that could not be allocated is left behind"
     # Without a folder that takes the file, the bytes travel in the pickle.
     assert (packed.exchange_file is not None) == (through == "exchange_file")
     assert bool(packed.tensors) == (through != "exchange_file")
@@ -81,10 +94,13 @@ def _mapped_files() -> str:
 def test_the_mapping_lives_as_long_as_the_tensors_and_the_file_is_rewritten_in_place(
     tmp_path, arch, room_to_map
 ):
-    big = load_adapter("big", write(tmp_path, "big", "mixlora", seed=1), arch)
-    small = load_adapter("small", write(tmp_path, "small", None, seed=2), arch)
+    big_path, small_path = (
+        write(tmp_path, "big", "mixlora", seed=1),
+        write(tmp_path, "small", None, seed=2),
+    )
+    big, small = load_adapter("big", big_path, arch), load_adapter("small", small_path, arch)
     file = str(tmp_path / "w.tensors")
-    unpacked, mapping = unpack_weights(pack_weights(big, file))
+    unpacked, mapping = unpack_weights(load_packed("big", big_path, arch, file))
     freed = weakref.ref(mapping)
     del mapping
     gc.collect()
@@ -96,7 +112,7 @@ def test_the_mapping_lives_as_long_as_the_tensors_and_the_file_is_rewritten_in_p
     size = os.path.getsize(file)
     assert size >= big.nbytes
     # The next load writes in place: the file keeps its size (and so its pages).
-    packed = pack_weights(small, file)
+    packed = load_packed("small", small_path, arch, file)
     assert os.path.getsize(file) == size, "the worker truncated the file: its pages are fresh"
     length = max(p.offset + p.nbytes for p in packed.file_tensors.values())
     assert 2 * length < size  # the setup: a spare file far bigger than the load
@@ -104,7 +120,7 @@ def test_the_mapping_lives_as_long_as_the_tensors_and_the_file_is_rewritten_in_p
     assert mapping is not None and len(mapping) == length
     assert_same_weights(small_unpacked, small)
     assert os.path.getsize(file) == length, "a spare's unused tail keeps its memory"
-    assert_same_weights(unpack_weights(pack_weights(big, file))[0], big)
+    assert_same_weights(unpack_weights(load_packed("big", big_path, arch, file))[0], big)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
@@ -121,9 +137,10 @@ def test_unpacked_tensors_keep_their_file_mapped_only_with_room_to_spare(
             raise OSError("statvfs failed")
 
         monkeypatch.setattr(load_worker.os, "statvfs", no_statvfs)
-    weights = load_adapter("a", write(tmp_path, "a", "mixlora", seed=1), arch)
+    path = write(tmp_path, "a", "mixlora", seed=1)
+    weights = load_adapter("a", path, arch)
     file = str(tmp_path / "w.tensors")
-    unpacked, mapping = unpack_weights(pack_weights(weights, file))
+    unpacked, mapping = unpack_weights(load_packed("a", path, arch, file))
     gc.collect()
     assert (mapping is not None) == (room == "plenty")
     assert (file in _mapped_files()) == (room == "plenty")
@@ -131,9 +148,8 @@ def test_unpacked_tensors_keep_their_file_mapped_only_with_room_to_spare(
 
 
 def test_an_exchange_file_cut_short_fails_the_unpack(tmp_path, arch):
-    weights = load_adapter("a", write(tmp_path, "a", "mixlora", seed=1), arch)
     file = str(tmp_path / "w.tensors")
-    packed = pack_weights(weights, file)
+    packed = load_packed("a", write(tmp_path, "a", "mixlora", seed=1), arch, file)
     os.truncate(file, os.path.getsize(file) // 2)
     with pytest.raises(OSError, match="holds .* bytes, its tensors"):
         unpack_weights(packed)
