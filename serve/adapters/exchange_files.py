@@ -79,13 +79,13 @@ def layout_of(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.dtype, 
 
 
 def tensors_in_file(
-    path: str, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    path: str, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], trim_spare: bool
 ) -> tuple[dict[str, torch.Tensor], mmap.mmap | None, dict[str, FileTensor]]:
     """Uninitialised tensors of layout (name -> dtype, shape) as views of a shared mapping of
-    path (created where missing; a longer file keeps its tail), that mapping (map_tensors'),
-    and their places. Every page they lie in is allocated first: a write through a mapping
-    into a hole of a full tmpfs would be a SIGBUS, not an error. Raises OSError (no room, no
-    folder)."""
+    path (created where missing), that mapping and their places (map_tensors', which trims a
+    much longer file with trim_spare: the load worker leaves that to the engine's unpack).
+    Every page they lie in is allocated first: a write through a mapping into a hole of a full
+    tmpfs would be a SIGBUS, not an error. Raises OSError (no room, no folder)."""
     places, length = file_places(layout)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -93,7 +93,7 @@ def tensors_in_file(
             os.posix_fallocate(fd, 0, length)
     finally:
         os.close(fd)
-    mapped, mapping = map_tensors(path, places, trim_spare=False)
+    mapped, mapping = map_tensors(path, places, trim_spare)
     return mapped, mapping, places
 
 
@@ -103,7 +103,7 @@ def copy_into_file(
     """Copies of the tensors (any strides) as views of a shared mapping of path: map_tensors'
     result, with each tensor copied straight into its place (tensors_in_file: no contiguous
     temporary, no write call). Raises OSError (no room, no folder)."""
-    mapped, mapping, _ = tensors_in_file(path, layout_of(tensors))
+    mapped, mapping, _ = tensors_in_file(path, layout_of(tensors), trim_spare=True)
     for key, tensor in tensors.items():
         mapped[key].copy_(tensor)
     return mapped, mapping

@@ -155,7 +155,9 @@ class _ExchangeTarget:
         if self.exchange_file is not None:
             layout = {name: (torch.float32, shape) for name, shape in shapes.items()}
             try:
-                tensors, _, self.places = tensors_in_file(self.exchange_file, layout)
+                tensors, _, self.places = tensors_in_file(
+                    self.exchange_file, layout, trim_spare=False
+                )
                 return tensors
             except OSError:  # no room, no folder: the pipe carries the bytes
                 with contextlib.suppress(OSError):
