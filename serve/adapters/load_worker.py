@@ -1,6 +1,6 @@
 """Adapter reads in worker processes, so they never hold the engine process's GIL.
 
-A load holds the GIL for much of its time: unpickling a MoE-PEFT `.bin` (~1000 tensors; ~20 ms
+A load holds the GIL for much of its time: reading a MoE-PEFT `.bin` (~1000 tensors; 5-15 ms
 for a 28 MB file through `bin_reader`, ~80 ms for files only torch's pure-Python weights-only
 reader takes) and the Python of validating and stacking them. On a load thread of the engine
 process that GIL is shared with the engine thread, which releases and re-takes it around every
