@@ -242,16 +242,25 @@ def test_empty_input(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("k", "n"), [(16, 24), (6, 10)])
-@pytest.mark.parametrize("dense", [True, False], ids=["dense_range", "segmented"])
-def test_segment_matmul_with_unsorted_group_ids(dtype, k, n, dense, monkeypatch):
-    """Both ways segment_matmul may take: one GEMM over the group range, or sorted segments."""
-    monkeypatch.setattr(_grouped, "dense_range_is_cheaper", lambda *args: dense)
+@pytest.mark.parametrize("way", ["gathered", "dense_range", "segmented"])
+def test_segment_matmul_with_unsorted_group_ids(dtype, k, n, way, monkeypatch):
+    """Every way segment_matmul may take: each row's weights gathered, one GEMM over the group
+    range, or sorted segments."""
+    monkeypatch.setattr(_grouped, "gathered_is_cheaper", lambda *args: way == "gathered")
+    monkeypatch.setattr(_grouped, "dense_range_is_cheaper", lambda *args: way == "dense_range")
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(150, k, generator=gen).to(dtype)
     b = torch.randn(10, n, k, generator=gen).to(dtype).transpose(1, 2)
     ids = torch.randint(2, 10, (150,), generator=gen)  # a range that does not start at 0
     assert not torch.all(ids[1:] >= ids[:-1])
     assert_matches(segment_matmul(x, b, ids), naive(x, b, ids), dtype)
+
+
+def test_few_rows_over_a_wide_range_take_the_gathered_way():
+    """A decode step's router: 64 rows over a 64-slot range, [4, 576] weights a slot."""
+    assert _grouped.gathered_is_cheaper(64, 64, 576, 4)
+    assert not _grouped.gathered_is_cheaper(64, 16, 576, 4)  # a narrow range: one GEMM
+    assert not _grouped.gathered_is_cheaper(1024, 64, 576, 4)  # many rows: segments
 
 
 def test_segment_matmul_single_row_and_single_group():
