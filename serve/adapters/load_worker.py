@@ -105,11 +105,18 @@ def _room_to_keep_mapped(exchange_file: str) -> bool:
     return stats.f_bavail * stats.f_frsize >= MIN_FREE_SHARED_BYTES
 
 
-def pack_weights(weights: AdapterWeights) -> PackedWeights:
-    """The weights as a skeleton plus their tensors as raw bytes (for the pipe)."""
+def pack_weights(
+    weights: AdapterWeights, in_file: tuple[str, dict[str, FileTensor]] | None = None
+) -> PackedWeights:
+    """The weights as a skeleton plus their tensors: in_file, the exchange file they were made
+    in and their places there, else as raw bytes (for the pipe)."""
     kinds = {proj: site.kind for proj, site in weights.sites.items()}
-    packed = {key: PackedTensor.of(t) for key, t in weights.named_tensors().items()}
-    return PackedWeights(weights.spec, weights.files, kinds, packed)
+    if in_file is None:
+        packed = {key: PackedTensor.of(t) for key, t in weights.named_tensors().items()}
+        return PackedWeights(weights.spec, weights.files, kinds, packed)
+    exchange_file, places = in_file
+    assert places.keys() == weights.named_tensors().keys()
+    return PackedWeights(weights.spec, weights.files, kinds, {}, exchange_file, places)
 
 
 def unpack_weights(packed: PackedWeights) -> tuple[AdapterWeights, mmap.mmap | None]:
@@ -173,11 +180,10 @@ def load_packed(
     them or is None, as raw bytes. The tensors made here die on return (the file stays)."""
     target = _ExchangeTarget(exchange_file)
     weights = load_adapter(name, path, arch, target)
-    if target.places is None:
-        return pack_weights(weights)
-    assert target.places.keys() == weights.named_tensors().keys()
-    kinds = {proj: site.kind for proj, site in weights.sites.items()}
-    return PackedWeights(weights.spec, weights.files, kinds, {}, exchange_file, target.places)
+    in_file = None
+    if target.places is not None and exchange_file is not None:
+        in_file = (exchange_file, target.places)
+    return pack_weights(weights, in_file)
 
 
 def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
