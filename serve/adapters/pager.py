@@ -13,6 +13,9 @@ Invariants:
   evicted after its host copy went, it is reloaded in the background (its files unchanged).
 - on CPU the tiers are exclusive (`slot_readback`): an adapter written into a slot leaves the host
   cache, and is read back into it when its slot is about to be overwritten.
+
+The tiers themselves (host cache, slot table, read-backs) are `tiers.AdapterTiers`; the pager
+owns what requests and loads need of them.
 """
 
 from __future__ import annotations
@@ -26,14 +29,11 @@ import torch
 
 from mixserve.adapters.errors import AdapterNotFoundError
 from mixserve.adapters.exchange_files import fresh_copies
-from mixserve.adapters.host_cache import HostCache
 from mixserve.adapters.loader import load_adapter
 from mixserve.adapters.loads import AdapterLoadResult, Loader, LoadQueue, LoadTicket, adapter_uid
 from mixserve.adapters.pager_state import AdapterState, PagerStats
 from mixserve.adapters.pool import AdapterPool
-from mixserve.adapters.slot_readback import read_slot, skeleton, stored_exactly
-from mixserve.adapters.slots import SlotTable
-from mixserve.adapters.weights import AdapterWeights
+from mixserve.adapters.tiers import AdapterTiers
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +70,18 @@ class AdapterPager:
         `load_adapter` or a stand-in with its signature (tests). host_copies makes the host
         copies of read-backs (exclusive tiers): the process loader's spare exchange files."""
         self.pool = pool
-        self._slots = SlotTable(pool)
         pin = pool.device.type == "cuda" if pin_memory is None else pin_memory
-        self._host = HostCache(host_budget_bytes, pin_memory=pin)
         self._loads = LoadQueue(loader, pool.arch, pool.shape, pin=pin, max_workers=max_workers)
         self._entries: dict[str, _Entry] = {}
-        self._slot_hits = self._host_hits = self._prefetches = 0
-        # On CPU a slot is host memory too, so a second copy in the host cache only doubles an
-        # active adapter's memory (and the pages every cold load faults in): the adapters whose
-        # one copy is their slot, by name, as skeletons to read them back by.
-        self._slot_only: dict[str, AdapterWeights] | None = None
-        self._host_copies = host_copies
-        if pool.device.type == "cpu":
-            self._slot_only = {}
-            self._slots.before_evict = self._read_back
+        self.tiers = AdapterTiers(
+            pool,
+            host_budget_bytes=host_budget_bytes,
+            pin_memory=pin,
+            host_copies=host_copies,
+            is_busy=self._is_busy,
+            busy_names=self._busy_names,
+            on_copy_dropped=self._on_copy_dropped,
+        )
 
     # Registry
 
@@ -98,7 +96,7 @@ class AdapterPager:
                 return
             if entry.in_flight or entry.loading is not None:
                 raise ValueError(f"adapter '{name}' is in use; unload it before re-pointing it")
-            self._drop_copies(name)
+            self.tiers.drop_copies(name)
         self._entries[name] = _Entry(path=path)
 
     def has_source(self, name: str) -> bool:
@@ -135,7 +133,7 @@ class AdapterPager:
             current = adapter_uid(name, entry.path)
             if entry.uid is not None and entry.uid != current:
                 logger.info("adapter '%s': files changed, dropping the old copies", name)
-                self._drop_copies(name)
+                self.tiers.drop_copies(name)
             entry.uid = current
         if entry.loading is None and not self.is_ready(name):
             self._submit(name, entry, hold=hold)
@@ -158,7 +156,7 @@ class AdapterPager:
             if entry.loading is not None and self._loads.is_held(entry.loading):
                 self._loads.cancel(entry.loading)  # held for requests that are gone
                 entry.loading = entry.uid = None  # nothing of it is resident or loading
-            self._trim_host()  # its host copy may have just lost its protection
+            self.tiers.trim_host()  # its host copy may have just lost its protection
         return False
 
     def in_flight(self, name: str) -> int:
@@ -186,7 +184,7 @@ class AdapterPager:
         del self._entries[name]
         if entry.loading is not None:
             self._loads.cancel(entry.loading)  # if it already runs, poll discards the result
-        self._drop_copies(name)
+        self.tiers.drop_copies(name)
         logger.info("adapter '%s' unloaded", name)
 
     # Background loads
@@ -225,7 +223,7 @@ class AdapterPager:
             if outcome.weights is None:
                 entry.uid = None  # nothing of it is resident: the next acquire re-reads files
             else:
-                self._on_host_evicted(self._host.put(name, outcome.weights, self._protected()))
+                self.tiers.put_loaded(name, outcome.weights)
             results.append(outcome.result)
         return results
 
@@ -243,33 +241,24 @@ class AdapterPager:
 
     def is_ready(self, name: str) -> bool:
         """In a slot or in the host cache: `prepare` can place it without touching disk."""
-        return name in self._slots or name in self._host
+        return self.tiers.is_ready(name)
 
     def state(self, name: str) -> AdapterState:
         entry = self._entry(name)
-        if name in self._slots:
+        if name in self.tiers.slots:
             return AdapterState.SLOT
-        if name in self._host:
+        if name in self.tiers.host:
             return AdapterState.HOST
         return AdapterState.LOADING if entry.loading is not None else AdapterState.NOT_LOADED
 
     def slot_of(self, name: str) -> int | None:
-        return self._slots.slot_of(name)
+        return self.tiers.slots.slot_of(name)
 
     def _is_busy(self, name: str) -> bool:
         return self._entries[name].in_flight > 0
 
-    def _protected(self) -> set[str]:
-        """Host entries that must stay: wanted by requests and in no slot."""
-        return {n for n, e in self._entries.items() if e.in_flight > 0 and n not in self._slots}
-
-    def _trim_host(self) -> None:
-        if self._host.nbytes > self._host.budget_bytes:
-            self._on_host_evicted(self._host.evict_until_fits(self._protected()))
-
-    def _on_host_evicted(self, names: Iterable[str]) -> None:
-        for name in names:
-            self._on_copy_dropped(name)
+    def _busy_names(self) -> list[str]:
+        return [n for n, e in self._entries.items() if e.in_flight > 0]
 
     def _on_copy_dropped(self, name: str) -> None:
         entry = self._entries.get(name)
@@ -283,35 +272,6 @@ class AdapterPager:
         else:
             entry.uid = None
 
-    def _drop_copies(self, name: str) -> None:
-        self._host.pop(name)
-        self._slots.remove(name)
-        if self._slot_only is not None:
-            self._slot_only.pop(name, None)
-
-    def _leave_host(self, name: str) -> None:
-        """Exclusive tiers: an adapter just written into a slot keeps no host copy."""
-        weights = self._host.peek(name) if self._slot_only is not None else None
-        if weights is not None and stored_exactly(self.pool, weights):
-            self._host.pop(name)
-            self._slot_only[name] = skeleton(weights)  # type: ignore[index]
-
-    def _read_back(self, slot: int, name: str, incoming: str) -> None:
-        """Exclusive tiers: the slot of name is about to be overwritten by incoming; name's
-        only copy goes back into the host cache. Over budget that put evicts idle entries, never
-        incoming (about to be written from its host copy) nor name while requests use it."""
-        assert self._slot_only is not None
-        like = self._slot_only.pop(name, None)
-        if like is not None:
-            weights = read_slot(self.pool, slot, like, self._host_copies)
-            keep = self._protected() | {incoming} | ({name} if self._is_busy(name) else set())
-            self._on_host_evicted(self._host.put(name, weights, keep))
-
-    def _host_weights(self, name: str) -> AdapterWeights:
-        weights = self._host.get(name)
-        assert weights is not None, "callers check is_ready"
-        return weights
-
     def prepare(self, names: Iterable[str]) -> dict[str, int]:
         """Place every adapter of one step in a slot and pin those slots until `unpin_all`.
 
@@ -320,64 +280,36 @@ class AdapterPager:
         copies. Raises ValueError (changing nothing) if a name is not ready or they cannot all
         fit.
         """
-        wanted = list(dict.fromkeys(names))
-        not_ready = [n for n in wanted if not self.is_ready(n)]
-        if not_ready:
-            raise ValueError(f"adapters not in a slot or the host cache: {not_ready}")
-        hits = {n for n in wanted if n in self._slots}
-        placed, evicted = self._slots.place(wanted, self._host_weights, self._is_busy)
-        for name in evicted:
-            self._on_copy_dropped(name)
-        for name in wanted:
-            if name not in hits:
-                self._leave_host(name)
-        self._slot_hits += len(hits)
-        self._host_hits += len(wanted) - len(hits)
-        self._slots.sync_compute_stream()
-        self._trim_host()
-        return placed
+        return self.tiers.prepare(names)
 
     def unpin_all(self) -> None:
         """The step's forward is enqueued (or done): its slots may be evicted again."""
-        self._slots.unpin_all()
+        self.tiers.slots.unpin_all()
 
     def prefetch_slots(self, names: Iterable[str], *, free_only: bool = False) -> dict[str, int]:
         """Copy ready adapters into slots ahead of their step, only into free slots or
         (unless free_only) those of adapters no request uses (never pinned ones). Returns
         name -> slot of the copies made; the next `prepare` makes the compute stream wait for
         them."""
-        placed: dict[str, int] = {}
-        for name in dict.fromkeys(names):
-            if name in self._slots or name not in self._host:
-                continue
-            slot = self._slots.victim(self._is_busy, idle_only=True)  # a free one first
-            if slot is None or (free_only and self._slots.names[slot] is not None):
-                break
-            evicted = self._slots.write(slot, self._host_weights(name))
-            if evicted is not None:
-                self._on_copy_dropped(evicted)
-            self._leave_host(name)
-            self._slots.touch(slot)
-            placed[name] = slot
-        self._prefetches += len(placed)
-        return placed
+        return self.tiers.prefetch_slots(names, free_only=free_only)
 
     def stats(self) -> PagerStats:
-        host = self._host.stats()
+        tiers, slots = self.tiers, self.tiers.slots
+        host = tiers.host.stats()
         return PagerStats(
             loads=self._loads.succeeded,
             load_failures=self._loads.failed,
             load_seconds=self._loads.seconds,
             disk_loads=self._loads.started,
-            slot_hits=self._slot_hits,
-            host_hits=self._host_hits,
-            prefetches=self._prefetches,
+            slot_hits=tiers.slot_hits,
+            host_hits=tiers.host_hits,
+            prefetches=tiers.prefetches,
             host_evictions=host.evictions,
-            slot_evictions=self._slots.evictions,
+            slot_evictions=slots.evictions,
             host_resident=host.entries,
             host_bytes=host.nbytes,
-            slots_in_use=self._slots.in_use,
-            slots_pinned=len(self._slots.pinned),
+            slots_in_use=slots.in_use,
+            slots_pinned=len(slots.pinned),
             slots_total=self.pool.num_slots,
             loading=sum(e.loading is not None for e in self._entries.values()),
             registered=len(self._entries),

@@ -32,7 +32,7 @@ def test_a_slotted_adapter_leaves_the_host_cache_and_comes_back_on_eviction(
     first = snapshot(pager.pool)
     stats = pager.stats()
     assert pager.state("a") is AdapterState.SLOT and stats.host_resident == 1  # only b
-    assert stats.host_bytes == pager._host.peek("b").nbytes
+    assert stats.host_bytes == pager.tiers.host.peek("b").nbytes
     pager.prepare(["b"])  # overwrites a's slot: a is read back, not re-read from disk
     pager.unpin_all()
     assert pager.state("a") is AdapterState.HOST and pager.state("b") is AdapterState.SLOT
@@ -67,7 +67,7 @@ def test_the_read_back_never_evicts_the_adapter_coming_in(make_pager: MakePager,
     pager.prepare(["a"])
     pager.unpin_all()
     ready(pager, tmp_path, "x")  # the host cache holds x alone: a's copy is its slot
-    pager._host.budget_bytes = pager._host.peek("x").nbytes  # room for one adapter
+    pager.tiers.host.budget_bytes = pager.tiers.host.peek("x").nbytes  # room for one adapter
     assert pager.prefetch_slots(["x"]) == {"x": 0}
     assert pager.state("x") is AdapterState.SLOT and pager._entries["x"].uid is not None
     assert pager.state("a") is AdapterState.NOT_LOADED and pager._entries["a"].uid is None
@@ -79,7 +79,7 @@ def test_unloading_a_slot_only_adapter_forgets_it(make_pager: MakePager, tmp_pat
     pager.prepare(["a"])
     pager.unpin_all()
     assert pager.request_unload("a")
-    assert pager._slot_only == {} and pager.stats().slots_in_use == 0
+    assert pager.tiers._slot_only == {} and pager.stats().slots_in_use == 0
 
 
 def test_a_bf16_pool_keeps_host_copies(arch: ArchConfig, tmp_path):
@@ -112,7 +112,7 @@ def test_read_backs_go_through_the_pagers_host_copies(arch: ArchConfig, tmp_path
         assert copied == []
         pager.prepare(["b"])  # a's slot is overwritten: a is read back through host_copies
         pager.unpin_all()
-        assert len(copied) == 1 and copied[0] == len(pager._host.peek("a").tensors())
+        assert len(copied) == 1 and copied[0] == len(pager.tiers.host.peek("a").tensors())
         pager.prepare(["a"])
         pager.unpin_all()
         assert_pools_equal(snapshot(pager.pool), first)

@@ -45,7 +45,7 @@ def test_a_cpu_engines_read_backs_use_its_loaders_spare_files(tmp_path):
         pager = built.core.pager
         loader = pager._loads._loader
         assert isinstance(loader, ProcessLoader)
-        assert pager._host_copies == loader.exchange_files.host_copies
+        assert pager.tiers.host_copies == loader.exchange_files.host_copies
     finally:
         built.core.pager.close()
 
