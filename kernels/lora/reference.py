@@ -285,24 +285,18 @@ def _apply_bags(
     coef: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """out[rows] += (coef * A x[rows]) B^T for n sites at once as weighted bags: x shrunk once
-    (input-row bags over A's [.., in, n R] storage), each site expanded (rank-row bags), and the
-    n deltas added to out [N, sum out_i] in one op; coef [P, n]. No call per group, and no
-    padding: each assignment reads its group's weights (from cache when the group's assignments
-    follow each other). Where the assignments are every row once (a decode step's plain-LoRA
-    rows), they run in row order: x is read in place and the deltas are added without a
-    scatter (index_add_ adds row by row: 66 us for 64 rows of 576 into a column slice, against
-    6 for add_). The bag indices live in the Segments' memo, so a step's plain-LoRA rows build
-    them once for every layer and site."""
+    """out[rows] += (coef * A x[rows]) B^T for n sites at once as weighted bags: x gathered and
+    shrunk once (input-row bags over A's [.., in, n R] storage), each site expanded (rank-row
+    bags), and the n deltas added to out [N, sum out_i] in one op; coef [P, n]. No call per
+    group, and no padding: each assignment reads its group's weights (from cache when the
+    group's assignments follow each other, as they do sorted by group). Where the assignments
+    are every row once (a decode step's plain-LoRA rows), the deltas are put back in row order
+    by a gather and added, not scattered: index_add_ adds row by row (66 us for 64 rows of 576
+    into a column slice, against 6 for add_). The bag indices live in the Segments' memo, so a
+    step's plain-LoRA rows build them once for every layer and site."""
     rank = lora_bs[0].shape[2]
-    every_row = _every_row_order(segments, x.shape[0], lora_a.shape[0])
-    if every_row is None:
-        bags = segments.memoised("rank_bags", lambda: RankBags(segments.group_ids, lora_a.shape[0]))
-        rows = x.index_select(0, segments.row_ids)
-    else:
-        order, bags = every_row
-        rows, coef = x, coef.index_select(0, order)
-    shrunk = bag_shrink(rows, lora_a, bags)  # [P, n R]
+    bags = segments.memoised("rank_bags", lambda: RankBags(segments.group_ids, lora_a.shape[0]))
+    shrunk = bag_shrink(x.index_select(0, segments.row_ids), lora_a, bags)  # [P, n R]
     deltas = [
         bag_expand(
             shrunk[:, i * rank : (i + 1) * rank] * coef[:, i : i + 1].to(shrunk.dtype),
@@ -314,26 +308,24 @@ def _apply_bags(
     ]  # n x [P, out_i]
     delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
     delta = delta if delta.dtype == out.dtype else delta.to(out.dtype)
-    if every_row is None:
+    row_order = _every_row_order(segments, x.shape[0])
+    if row_order is None:
         out.index_add_(0, segments.row_ids, delta)
     else:
-        out.add_(delta)
+        out.add_(delta.index_select(0, row_order))
 
 
-def _every_row_order(
-    segments: Segments, num_rows: int, num_groups: int
-) -> tuple[torch.Tensor, RankBags] | None:
+def _every_row_order(segments: Segments, num_rows: int) -> torch.Tensor | None:
     """Where the (trimmed) segments hold each of the num_rows rows exactly once: the
-    assignment of each row ([N], the inverse of row_ids) and bags over the rows' groups in row
-    order. Built once per Segments."""
+    assignment of each row ([N], the inverse of row_ids). Built once per Segments."""
 
-    def build() -> tuple[torch.Tensor, RankBags] | None:
+    def build() -> torch.Tensor | None:
         row_ids = segments.row_ids
         if row_ids.shape[0] != num_rows:
             return None
         rows_sorted, order = torch.sort(row_ids)
         if not torch.equal(rows_sorted, torch.arange(num_rows, device=row_ids.device)):
             return None
-        return order, RankBags(segments.group_ids.index_select(0, order), num_groups)
+        return order
 
     return segments.memoised(f"every_row_order:{num_rows}", build)

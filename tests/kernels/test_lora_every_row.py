@@ -1,6 +1,6 @@
-"""Bags over assignments that hold every row once (a decode step's plain-LoRA rows): they run in
-row order, reading x in place and adding the deltas without a scatter, for one site and for
-joint sites (q/k/v), against a float64 loop; other row sets keep the gather and one scatter."""
+"""Bags over assignments that hold every row once (a decode step's plain-LoRA rows): their
+deltas go back in row order by a gather and one add, with no scatter, for one site and for
+joint sites (q/k/v), against a float64 loop; other row sets scatter once for all sites."""
 
 from __future__ import annotations
 
@@ -84,11 +84,9 @@ def test_bags_of_every_row_add_in_place_and_others_scatter_once(joint, rows, mon
 def test_every_row_order_is_built_once_per_segments_and_row_count():
     gen = torch.Generator().manual_seed(6)
     segments = _segments(gen, torch.randperm(8, generator=gen))
-    first = reference._every_row_order(segments, 8, 12)
-    assert first is not None and reference._every_row_order(segments, 8, 12) is first
-    order, bags = first
+    order = reference._every_row_order(segments, 8)
+    assert order is not None and reference._every_row_order(segments, 8) is order
     assert torch.equal(segments.row_ids.index_select(0, order), torch.arange(8))
-    assert torch.equal(bags.group_ids, segments.group_ids.index_select(0, order))
-    assert reference._every_row_order(segments, 9, 12) is None  # a row without an assignment
+    assert reference._every_row_order(segments, 9) is None  # a row without an assignment
     twice = Segments(torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2]), torch.ones(3))
-    assert reference._every_row_order(twice, 3, 12) is None  # a row routed to two groups
+    assert reference._every_row_order(twice, 3) is None  # a row routed to two groups
