@@ -55,16 +55,40 @@ def lora_expand(
     count = segments.num_assignments
     if count == 0:
         return
-    scaled = s[:count] * coef[:count].to(s.dtype)[:, None]
     # Rank-row bags (no GEMM call per group): a view on the pool's B, a copy for other layouts.
     # Their indices live in the Segments' memo: the pair op expands the same segments twice.
-    bags = segments.memoised("rank_bags", lambda: RankBags(segments.group_ids, lora_b.shape[0]))
-    rank = lora_b.shape[2]
-    delta = bag_expand(scaled, lora_b, bags.ids(rank), bags.offsets(rank))  # [P, N_out]
+    delta = _scaled_expand(s[:count], coef[:count], lora_b, _rank_bags(segments, lora_b))
     if scatter_rows:
-        out.index_add_(0, segments.row_ids, delta.to(out.dtype))
+        _add_to_rows(out, segments, delta)
     else:
         out[:count] += delta.to(out.dtype)
+
+
+def _rank_bags(segments: Segments, weights: torch.Tensor) -> RankBags:
+    """The segments' bag indices over weights' [G, ...] groups, built once per Segments."""
+    return segments.memoised("rank_bags", lambda: RankBags(segments.group_ids, weights.shape[0]))
+
+
+def _scaled_expand(
+    s: torch.Tensor, coef: torch.Tensor, lora_b: torch.Tensor, bags: RankBags
+) -> torch.Tensor:
+    """[P, N_out]: coef[p] * B_g(p) s[p] as rank-row bags; s [P, R], coef [P]."""
+    rank = lora_b.shape[2]
+    scaled = s * coef.to(s.dtype)[:, None]
+    return bag_expand(scaled, lora_b, bags.ids(rank), bags.offsets(rank))
+
+
+def _add_to_rows(out: torch.Tensor, segments: Segments, delta: torch.Tensor) -> None:
+    """out[row_ids[p]] += delta[p] for the (trimmed) segments' assignments. Where they are
+    every row of out once (a decode step's plain-LoRA rows), the deltas are gathered back into
+    row order and added in one op: index_add_ adds row by row (66 us for 64 rows of 576 into
+    a column slice, against 6 for add_)."""
+    delta = delta if delta.dtype == out.dtype else delta.to(out.dtype)
+    row_order = _every_row_order(segments, out.shape[0])
+    if row_order is None:
+        out.index_add_(0, segments.row_ids, delta)
+    else:
+        out.add_(delta.index_select(0, row_order))
 
 
 # The padded strategy while its layout has at most this many places per assignment: the
@@ -289,30 +313,17 @@ def _apply_bags(
     shrunk once (input-row bags over A's [.., in, n R] storage), each site expanded (rank-row
     bags), and the n deltas added to out [N, sum out_i] in one op; coef [P, n]. No call per
     group, and no padding: each assignment reads its group's weights (from cache when the
-    group's assignments follow each other, as they do sorted by group). Where the assignments
-    are every row once (a decode step's plain-LoRA rows), the deltas are put back in row order
-    by a gather and added, not scattered: index_add_ adds row by row (66 us for 64 rows of 576
-    into a column slice, against 6 for add_). The bag indices live in the Segments' memo, so a
+    group's assignments follow each other, as they do sorted by group); the deltas reach
+    their rows as `_add_to_rows` adds them. The bag indices live in the Segments' memo, so a
     step's plain-LoRA rows build them once for every layer and site."""
     rank = lora_bs[0].shape[2]
-    bags = segments.memoised("rank_bags", lambda: RankBags(segments.group_ids, lora_a.shape[0]))
+    bags = _rank_bags(segments, lora_a)
     shrunk = bag_shrink(x.index_select(0, segments.row_ids), lora_a, bags)  # [P, n R]
     deltas = [
-        bag_expand(
-            shrunk[:, i * rank : (i + 1) * rank] * coef[:, i : i + 1].to(shrunk.dtype),
-            lora_b,
-            bags.ids(rank),
-            bags.offsets(rank),
-        )
+        _scaled_expand(shrunk[:, i * rank : (i + 1) * rank], coef[:, i], lora_b, bags)
         for i, lora_b in enumerate(lora_bs)
     ]  # n x [P, out_i]
-    delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
-    delta = delta if delta.dtype == out.dtype else delta.to(out.dtype)
-    row_order = _every_row_order(segments, x.shape[0])
-    if row_order is None:
-        out.index_add_(0, segments.row_ids, delta)
-    else:
-        out.add_(delta.index_select(0, row_order))
+    _add_to_rows(out, segments, deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1))
 
 
 def _every_row_order(segments: Segments, num_rows: int) -> torch.Tensor | None:
