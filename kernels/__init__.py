@@ -1,8 +1,9 @@
 """mixserve.kernels: fused ops for routed LoRA experts and paged attention.
 
 Every op is a wrapper (semantics and shapes in its docstring) over a pure-torch reference; Triton
-implementations plug in behind the same wrappers. This package imports torch (and triton) only,
-never the rest of mixserve.
+implementations plug in behind the same wrappers, and on CPU compiled C++ kernels where this
+machine builds them (kernels/_cpu_build.py). This package imports torch (and triton) only, never
+the rest of mixserve.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mixserve.kernels.lora import (
     lora_shrink,
     lora_shrink_pair,
 )
-from mixserve.kernels.moe_lora_ffn import ExpertLora, moe_lora_ffn
+from mixserve.kernels.moe_lora_ffn import ExpertLora, moe_lora_ffn, prepare_cpu_kernels
 from mixserve.kernels.paged_attention import paged_attention, write_kv
 from mixserve.kernels.routing import RoutingParams, RoutingRule, route
 
@@ -37,6 +38,7 @@ __all__ = [
     "lora_shrink_pair",
     "moe_lora_ffn",
     "paged_attention",
+    "prepare_cpu_kernels",
     "route",
     "write_kv",
 ]

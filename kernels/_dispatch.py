@@ -1,7 +1,10 @@
-"""Which implementation an op runs: Triton for CUDA tensors, the torch reference otherwise.
+"""Which implementation an op runs: Triton for CUDA tensors; on CPU a compiled kernel where the
+op has one that this machine builds and that takes the call (kernels/_cpu_build.py), else the
+torch reference.
 
 `MIXSERVE_KERNELS` forces a choice: `reference`, `triton` (also on CPU tensors, under
-`TRITON_INTERPRET=1`: how CI tests the kernels), or `auto` (default).
+`TRITON_INTERPRET=1`: how CI tests the kernels), `cpu` (the compiled CPU kernels, an error where
+one cannot run a call), or `auto` (default).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import torch
 
 ENV = "MIXSERVE_KERNELS"
-_MODES = ("auto", "reference", "triton")
+_MODES = ("auto", "reference", "triton", "cpu")
 
 
 @functools.cache
@@ -47,3 +50,13 @@ def use_triton(tensor: torch.Tensor) -> bool:
             raise RuntimeError(f"{ENV}=triton on {tensor.device} tensors needs TRITON_INTERPRET=1")
         return True
     return tensor.is_cuda and triton_available()
+
+
+def use_compiled_cpu(tensor: torch.Tensor) -> bool:
+    """True when the op should try its compiled CPU kernel for tensors on this device (the op
+    still checks that the kernel exists and takes the call; under `cpu` it must)."""
+    return mode() in ("auto", "cpu") and tensor.device.type == "cpu"
+
+
+def compiled_cpu_required() -> bool:
+    return mode() == "cpu"

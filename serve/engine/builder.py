@@ -21,6 +21,7 @@ from mixserve.adapters.sizing import num_slots_for_budget, slot_budget_bytes
 from mixserve.config import AdapterPoolConfig, EngineConfig
 from mixserve.cpu_memory import keep_freed_memory
 from mixserve.engine.core import EngineCore
+from mixserve.kernels import prepare_cpu_kernels
 from mixserve.model import ArchConfig, load_model
 from mixserve.model.default_model import resolve_model_dir
 from mixserve.model.dtypes import torch_dtype
@@ -106,6 +107,8 @@ def build_engine(config: EngineConfig, adapters: Mapping[str, str] | None = None
     tune_malloc = device.type == "cpu" and config.tune_malloc
     if tune_malloc:
         keep_freed_memory()
+    if device.type == "cpu":
+        prepare_cpu_kernels()  # a first build compiles here, not inside the first step
     num_load_workers = _num_load_workers(config.adapters, device)
     loader: Loader = load_adapter
     if config.adapters.load_in_processes:

@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from mixserve.kernels import ExpertLora, moe_lora_ffn, route
@@ -20,11 +21,15 @@ from mixserve.model.context import LoraBatch, count_routed
 from mixserve.model.layers import linear
 from mixserve.model.lora import add_site_delta, add_site_deltas
 
+# ACT2FN's names for SiLU, whose module only calls F.silu: F.silu itself lets the kernels
+# recognise it (the compiled CPU MoE kernel computes SiLU in place).
+_SILU_NAMES = ("silu", "swish")
+
 
 @functools.cache
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     # ACT2FN builds a new nn.Module at every lookup: once per name, not once per layer and step.
-    return ACT2FN[name]
+    return F.silu if name in _SILU_NAMES else ACT2FN[name]
 
 
 def _expert_lora(lora: LoraBatch, site: str, layer_idx: int) -> ExpertLora:
