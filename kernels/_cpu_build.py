@@ -25,7 +25,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV = "MIXSERVE_CPU_KERNELS"
-CFLAGS = ("-O3", "-march=native", "-std=c++17")
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+# at::parallel_for is inline OpenMP in torch's headers: without -fopenmp it runs on one thread.
+# The link resolves libgomp.so.1 to the copy torch already loaded (same soname): one runtime.
+LDFLAGS = ("-fopenmp",)
 
 
 def enabled() -> bool:
@@ -50,7 +53,7 @@ def load(source: Path, functions: tuple[str, ...]) -> ModuleType | None:
     built here (logged once). Safe to call from several processes at once: torch's builder
     holds a lock on the build directory."""
     text = source.read_text(encoding="utf-8")
-    key = "\0".join((text, " ".join(CFLAGS), torch.__version__, _cpu_flags(), *functions))
+    key = "\0".join((text, " ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags(), *functions))
     stem = f"{source.parent.name}_{source.stem}"
     name = f"mixserve_{stem}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     started = time.perf_counter()
@@ -58,7 +61,11 @@ def load(source: Path, functions: tuple[str, ...]) -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         module = load_inline(
-            name, cpp_sources=[text], functions=list(functions), extra_cflags=list(CFLAGS)
+            name,
+            cpp_sources=[text],
+            functions=list(functions),
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
         )
     except (ImportError, OSError, RuntimeError) as exc:
         logger.warning(
