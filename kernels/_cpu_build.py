@@ -1,13 +1,13 @@
 """Compiled CPU kernels: C++ sources built once per machine with torch's extension builder.
 
-A source is compiled at first use with ``-march=native`` (its AVX-512 paths exist only where the
-CPU has them) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, else
-``~/.cache/torch_extensions``), under a name that hashes the source, the flags, the torch version
-and this CPU's feature flags, so an edited source, a new torch or a cache directory shared with
-another CPU model never reuses a stale binary. Building needs a C++ compiler and ninja (a
-dependency); where either is missing or the build fails, `load` returns None once with a
-warning and the ops keep their torch references. ``MIXSERVE_CPU_KERNELS=0`` turns the compiled
-kernels off.
+The sources are compiled together at first use with ``-march=native`` (their AVX-512 paths exist
+only where the CPU has them) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, else
+``~/.cache/torch_extensions``), under a name that hashes the sources, the flags, the torch
+version and this CPU's feature flags, so an edited source, a new torch or a cache directory
+shared with another CPU model never reuses a stale binary. Building needs a C++ compiler and
+ninja (a dependency); where either is missing or the build fails, `module` returns None (with
+one warning) and the ops keep their torch references. ``MIXSERVE_CPU_KERNELS=0`` turns the
+compiled kernels off.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
@@ -47,33 +48,58 @@ def _cpu_flags() -> str:
     return ""
 
 
+KERNELS_DIR = Path(__file__).resolve().parent
+# Every compiled CPU kernel, built as one extension: torch's headers are compiled once, and one
+# cache entry and one log line cover them all. The prelude (first) holds what they share; each
+# kernel defines its functions for AVX-512 and, without it, stubs that raise.
+SOURCES = ("cpu_prelude.cpp", "moe_lora_ffn/cpu.cpp", "lora/cpu.cpp")
+FUNCTIONS = ("avx512", "moe_lora_ffn", "lora_sites")
+
+
+def first_failure(checks: Iterable[tuple[bool, str]]) -> str | None:
+    """The reason of the first failed (passed, reason) check, None where all passed: a kernel's
+    `why_not`."""
+    return next((reason for passed, reason in checks if not passed), None)
+
+
+def module() -> ModuleType | None:
+    """The compiled CPU kernels where they are enabled, built and run here (AVX-512), else
+    None (the ops then run their torch references)."""
+    if not enabled():
+        return None
+    built = build(tuple(KERNELS_DIR / source for source in SOURCES), FUNCTIONS)
+    return built if built is not None and built.avx512() else None
+
+
 @functools.cache
-def load(source: Path, functions: tuple[str, ...]) -> ModuleType | None:
-    """The compiled module of a C++ source exporting `functions`, or None where it cannot be
-    built here (logged once). Safe to call from several processes at once: torch's builder
-    holds a lock on the build directory."""
-    text = source.read_text(encoding="utf-8")
-    key = "\0".join((text, " ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags(), *functions))
-    stem = f"{source.parent.name}_{source.stem}"
-    name = f"mixserve_{stem}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+def build(sources: tuple[Path, ...], functions: tuple[str, ...]) -> ModuleType | None:
+    """The extension of these C++ sources (one translation unit, in order) exporting
+    `functions`, or None where it cannot be built here (logged once). Safe to call from several
+    processes at once: torch's builder holds a lock on the build directory."""
+    texts = [source.read_text(encoding="utf-8") for source in sources]
+    key = "\0".join(
+        (*texts, " ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags(), *functions)
+    )
+    name = f"mixserve_cpu_kernels_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    label = ", ".join(f"{source.parent.name}/{source.name}" for source in sources)
     started = time.perf_counter()
     try:
         from torch.utils.cpp_extension import load_inline
 
         module = load_inline(
             name,
-            cpp_sources=[text],
+            cpp_sources=texts,
             functions=list(functions),
             extra_cflags=list(CFLAGS),
             extra_ldflags=list(LDFLAGS),
         )
     except (ImportError, OSError, RuntimeError) as exc:
         logger.warning(
-            "CPU kernel %s not built (%s: %s); using the torch reference instead",
-            source.name,
+            "CPU kernels (%s) not built (%s: %s); the torch references run instead",
+            label,
             type(exc).__name__,
             str(exc).strip().splitlines()[-1] if str(exc).strip() else "",
         )
         return None
-    logger.info("CPU kernel %s ready in %.1f s", source.name, time.perf_counter() - started)
+    logger.info("CPU kernels (%s) ready in %.1f s", label, time.perf_counter() - started)
     return module

@@ -58,5 +58,11 @@ def use_compiled_cpu(tensor: torch.Tensor) -> bool:
     return mode() in ("auto", "cpu") and tensor.device.type == "cpu"
 
 
-def compiled_cpu_required() -> bool:
-    return mode() == "cpu"
+def take_compiled_cpu(built: bool, reason: str | None) -> bool:
+    """Whether an op runs its compiled CPU kernel: it is built here (`built`) and takes the call
+    (`reason` None). Under `cpu` a call it cannot run is an error that says why."""
+    if built and reason is None:
+        return True
+    if mode() == "cpu":
+        raise RuntimeError(f"{ENV}=cpu: {reason or 'no compiled CPU kernel on this machine'}")
+    return False

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mixserve.kernels._dispatch import use_triton
+from mixserve.kernels._dispatch import take_compiled_cpu, use_compiled_cpu, use_triton
 from mixserve.kernels.assignments import Segments
 from mixserve.kernels.lora import joint, reference
 from mixserve.kernels.lora.joint import joint_lora_a
@@ -172,6 +172,10 @@ def lora_apply(
             s, lora_b, segments, coef, out, scatter_rows=True, group_ranks=group_ranks
         )
         return
+    if use_compiled_cpu(x):
+        scales = None if group_scale is None else group_scale[:, None]
+        if _compiled_sites(x, lora_a, [lora_b], segments, coef, out, scales):
+            return
     reference.lora_apply(x, lora_a, lora_b, segments, coef, out, group_scale)
 
 
@@ -212,7 +216,36 @@ def lora_apply_joint(
                 group_scale=group_scales[i],
             )
         return
+    if use_compiled_cpu(x):
+        scales = torch.stack(list(group_scales), 1)  # [G, n]
+        if _compiled_sites(x, lora_a, lora_bs, segments, None, out, scales):
+            return
     joint.lora_apply_joint(x, lora_a, lora_bs, segments, out, group_scales)
+
+
+def _compiled_sites(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
+    segments: Segments,
+    coef: torch.Tensor | None,
+    out: torch.Tensor,
+    scales: torch.Tensor | None,
+) -> bool:
+    """Runs n sites through the compiled CPU kernel where it is built and takes the call
+    (coef [P], or None with scales [G, n]); False: the caller runs the reference."""
+    from mixserve.kernels.lora import cpu
+
+    if not take_compiled_cpu(cpu.module() is not None, cpu.why_not(x, lora_a, lora_bs, out)):
+        return False
+    segments = segments.trimmed()
+    count = segments.num_assignments
+    if count:
+        site_coef = reference.assignment_coef(
+            segments, None if coef is None else coef[:count, None], scales
+        )  # [P, n]
+        cpu.lora_apply_sites(x, lora_a, lora_bs, segments, site_coef, out)
+    return True
 
 
 __all__ = [

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixserve.kernels._dispatch import compiled_cpu_required, use_compiled_cpu, use_triton
+from mixserve.kernels._dispatch import take_compiled_cpu, use_compiled_cpu, use_triton
 from mixserve.kernels.moe_lora_ffn import reference
 
 
@@ -57,21 +57,9 @@ def moe_lora_ffn(
         from mixserve.kernels.moe_lora_ffn import cpu
 
         reason = cpu.why_not(x, gate_up, rows, slots, weights, gate, up, down, act)
-        if reason is None and cpu.module() is not None:
+        if take_compiled_cpu(cpu.module() is not None, reason):
             return cpu.moe_lora_ffn(x, gate_up, rows, slots, weights, gate, up, down)
-        if compiled_cpu_required():
-            raise RuntimeError(f"MIXSERVE_KERNELS=cpu: {reason or 'no compiled CPU kernel here'}")
     return reference.moe_lora_ffn(x, gate_up, rows, slots, weights, gate, up, down, act)
 
 
-def prepare_cpu_kernels() -> bool:
-    """Build (or load from the cache) the compiled CPU kernel now, not in the first step that
-    needs it (a first build takes ~20 s); True where it runs on this machine."""
-    if not use_compiled_cpu(torch.empty(0)):
-        return False
-    from mixserve.kernels.moe_lora_ffn import cpu
-
-    return cpu.module() is not None
-
-
-__all__ = ["ExpertLora", "moe_lora_ffn", "prepare_cpu_kernels"]
+__all__ = ["ExpertLora", "moe_lora_ffn"]

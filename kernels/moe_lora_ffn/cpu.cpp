@@ -11,8 +11,6 @@
 // expert order): a row's result never depends on what else is in the batch.
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -20,7 +18,8 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-namespace {
+// Named, not anonymous: the sources are built as one translation unit (kernels/_cpu_build.py).
+namespace mixserve_moe {
 
 struct Pair {
   int64_t group;
@@ -172,15 +171,14 @@ void run_rows(const Args& a, const std::vector<Pair>& pairs, int64_t begin, int6
     if (pair.row >= begin && pair.row < end) run_pair<R>(a, pair);
 }
 
-}  // namespace
-
-bool supported() { return true; }
+}  // namespace mixserve_moe
 
 std::vector<torch::Tensor> moe_lora_ffn(
     torch::Tensor x, torch::Tensor gate_up, torch::Tensor tokens, torch::Tensor slots,
     torch::Tensor weights, torch::Tensor a_gu, torch::Tensor bt_gate, torch::Tensor bt_up,
     torch::Tensor a_down, torch::Tensor bt_down, torch::Tensor scale_gate,
     torch::Tensor scale_up, torch::Tensor scale_down) {
+  using namespace mixserve_moe;
   const int64_t num_rows = weights.size(0), num_experts = weights.size(1);
   const int64_t H = x.size(1), I = bt_gate.size(2), R = bt_gate.size(1);
   auto hidden = torch::zeros({num_rows, I}, x.options());
@@ -203,21 +201,20 @@ std::vector<torch::Tensor> moe_lora_ffn(
                   scale_down.data_ptr<float>(), hidden.data_ptr<float>(),
                   down.data_ptr<float>(),     H,
                   I};
-  at::parallel_for(0, num_rows, 1, [&](int64_t begin, int64_t end) {
+  TORCH_CHECK(R == 8 || R == 16 || R == 32 || R == 64, "moe_lora_ffn (cpu): rank ", R,
+              " not compiled");
+  parallel_rows(num_rows, [&](int64_t begin, int64_t end) {
     switch (R) {
       case 8: run_rows<8>(args, pairs, begin, end); break;
       case 16: run_rows<16>(args, pairs, begin, end); break;
       case 32: run_rows<32>(args, pairs, begin, end); break;
-      case 64: run_rows<64>(args, pairs, begin, end); break;
-      default: TORCH_CHECK(false, "moe_lora_ffn (cpu): rank ", R, " not compiled");
+      default: run_rows<64>(args, pairs, begin, end); break;
     }
   });
   return {hidden, down};
 }
 
 #else  // no AVX-512 at build time: the Python wrapper falls back to the torch reference
-
-bool supported() { return false; }
 
 std::vector<torch::Tensor> moe_lora_ffn(
     torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,

@@ -10,7 +10,6 @@ names what it does not take and the dispatcher then runs the reference.
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -22,18 +21,13 @@ from mixserve.kernels.lora.joint import joint_lora_a
 if TYPE_CHECKING:
     from mixserve.kernels.moe_lora_ffn import ExpertLora
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
-FUNCTIONS = ("supported", "moe_lora_ffn")
 RANKS = (8, 16, 32, 64)  # the ranks cpu.cpp instantiates
 VECTOR = 16  # float32 lanes per AVX-512 register: H and I must be multiples
 
 
 def module() -> ModuleType | None:
-    """The built kernel where this machine can build and run it (AVX-512), else None."""
-    if not _cpu_build.enabled():
-        return None
-    built = _cpu_build.load(SOURCE, FUNCTIONS)
-    return built if built is not None and built.supported() else None
+    """The compiled CPU kernels where this machine builds and runs them, else None."""
+    return _cpu_build.module()
 
 
 def why_not(
@@ -64,10 +58,7 @@ def why_not(
         (weights.dtype == torch.float32, "routing weights not float32"),
         (rows.dtype == torch.int64 and slots.dtype == torch.int64, "rows or slots not int64"),
     )
-    for passed, reason in checks:
-        if not passed:
-            return reason
-    return None
+    return _cpu_build.first_failure(checks)
 
 
 def moe_lora_ffn(

@@ -21,8 +21,13 @@ K8S = DEPLOY / "k8s"
 # and the newest it bundles.
 _BUNDLED = {major_minor(v) for v in all_versions()}
 K8S_VERSIONS = tuple(v for v in ("1.29", major_minor(latest_version())) if v in _BUNDLED)
-# Variables read outside cli_serve: the log level (cli.py), the cache folder and kernel choice.
-EXTRA_SETTINGS = {"MIXSERVE_LOG_LEVEL", "MIXSERVE_CACHE", "MIXSERVE_KERNELS"}
+# Variables read outside cli_serve: the log level (cli.py), the cache folder and kernel choices.
+EXTRA_SETTINGS = {
+    "MIXSERVE_LOG_LEVEL",
+    "MIXSERVE_CACHE",
+    "MIXSERVE_KERNELS",
+    "MIXSERVE_CPU_KERNELS",
+}
 
 
 def tool(name: str) -> str:

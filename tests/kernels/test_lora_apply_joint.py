@@ -19,6 +19,10 @@ from support.lora_cases import (
 from mixserve.kernels import Segments, joint_lora_a, lora_apply_joint
 from mixserve.kernels.lora import reference
 
+# The torch reference's strategies through the wrappers (compiled CPU kernel: test_lora_cpu.py).
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+
+
 LAYOUTS = ["decode", "decode_popular", "runs", "runs_and_rest", "runs_and_many_rows", "many_rows"]
 
 

@@ -11,6 +11,10 @@ from support.lora_cases import JOINT_HIDDEN, joint_sites
 from mixserve.kernels import Segments, joint_lora_a, lora_apply, lora_apply_joint
 from mixserve.kernels.lora import reference
 
+# The torch reference's strategies through the wrappers (compiled CPU kernel: test_lora_cpu.py).
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+
+
 NUM_ROWS = 24
 
 

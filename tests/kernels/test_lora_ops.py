@@ -13,6 +13,10 @@ from support.lora_cases import DTYPES, TOL, Scenario, lora_stacks
 from mixserve.kernels import Segments, _grouped, lora_apply, lora_expand, lora_shrink
 from mixserve.kernels.lora import reference
 
+# The torch reference's strategies through the wrappers (compiled CPU kernel: test_lora_cpu.py).
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+
+
 SCENARIOS = {
     "plain_one_token": Scenario(1, 1, 1, 32, 16, 1),
     "few_slots": Scenario(100, 5, 4, 40, 24, 2),
