@@ -3,11 +3,11 @@
 The sources are compiled together at first use with ``-march=native`` (their AVX-512 paths exist
 only where the CPU has them) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, else
 ``~/.cache/torch_extensions``), under a name that hashes the sources, the flags, the torch
-version and this CPU's feature flags, so an edited source, a new torch or a cache directory
-shared with another CPU model never reuses a stale binary. Building needs a C++ compiler and
-ninja (a dependency); where either is missing or the build fails, `module` returns None (with
-one warning) and the ops keep their torch references. ``MIXSERVE_CPU_KERNELS=0`` turns the
-compiled kernels off.
+version and install, and this CPU's feature flags, so an edited source, another torch or a
+cache directory shared with another CPU model never reuses a stale binary. Building needs a C++
+compiler and ninja (a dependency); where either is missing or the build fails, `module` returns
+None (with one warning) and the ops keep their torch references. ``MIXSERVE_CPU_KERNELS=0``
+turns the compiled kernels off.
 """
 
 from __future__ import annotations
@@ -77,9 +77,11 @@ def build(sources: tuple[Path, ...], functions: tuple[str, ...]) -> ModuleType |
     `functions`, or None where it cannot be built here (logged once). Safe to call from several
     processes at once: torch's builder holds a lock on the build directory."""
     texts = [source.read_text(encoding="utf-8") for source in sources]
-    key = "\0".join(
-        (*texts, " ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags(), *functions)
-    )
+    # The torch install too: its include paths are in the build file, so two environments
+    # sharing one name would rebuild over each other at every start.
+    install = os.path.dirname(torch.__file__)
+    flags = " ".join(CFLAGS + LDFLAGS)
+    key = "\0".join((*texts, flags, torch.__version__, install, _cpu_flags(), *functions))
     name = f"mixserve_cpu_kernels_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     label = ", ".join(f"{source.parent.name}/{source.name}" for source in sources)
     started = time.perf_counter()
