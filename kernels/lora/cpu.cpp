@@ -9,6 +9,7 @@
 // two threads write one output row and a row's result does not depend on the batch.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -110,6 +111,15 @@ void lora_sites(torch::Tensor x, torch::Tensor a_joint, std::vector<torch::Tenso
     column += bt.size(2);
   }
   const int64_t num_assignments = row_ids.size(0);
+  // Indices are checked here, outside the parallel region: a bad one is an error, not a write
+  // out of bounds.
+  const int64_t num_rows = std::min(x.size(0), out.size(0)), num_groups = a_joint.size(0);
+  for (int64_t p = 0; p < num_assignments; ++p) {
+    const int64_t row = row_ids.data_ptr<int64_t>()[p], group = group_ids.data_ptr<int64_t>()[p];
+    TORCH_CHECK(row >= 0 && row < num_rows && group >= 0 && group < num_groups,
+                "lora_sites (cpu): assignment ", p, " (row ", row, ", group ", group,
+                ") is past ", num_rows, " rows or ", num_groups, " groups");
+  }
   const float* xp = x.data_ptr<float>();
   const float* ap = a_joint.data_ptr<float>();
   const int64_t* rows = row_ids.data_ptr<int64_t>();
@@ -117,7 +127,7 @@ void lora_sites(torch::Tensor x, torch::Tensor a_joint, std::vector<torch::Tenso
   const float* cp = coef.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t x_stride = x.stride(0), out_stride = out.stride(0);
-  parallel_rows(x.size(0), [&](int64_t begin, int64_t end) {
+  parallel_rows(num_rows, [&](int64_t begin, int64_t end) {
 #define RUN(C)                                                                                \
   run_rows<C>(xp, x_stride, in_features, ap, a_joint.stride(0), a_joint.stride(1), sites, rank, rows, groups, cp, num_assignments, \
               op, out_stride, begin, end)

@@ -185,16 +185,27 @@ std::vector<torch::Tensor> moe_lora_ffn(
   auto down = torch::zeros({num_rows, H}, x.options());
   const float* w = weights.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* token = tokens.data_ptr<int64_t>();
+  const int64_t num_groups = bt_gate.size(0), num_tokens = x.size(0);
   std::vector<Pair> pairs;
   pairs.reserve(num_rows * 2);
-  for (int64_t n = 0; n < num_rows; ++n)
-    for (int64_t e = 0; e < num_experts; ++e)
-      if (w[n * num_experts + e] > 0.f)
-        pairs.push_back({slot[n] * num_experts + e, n, w[n * num_experts + e]});
+  // Indices are checked here, outside the parallel region: a bad one is an error, not a read
+  // out of bounds.
+  for (int64_t n = 0; n < num_rows; ++n) {
+    TORCH_CHECK(token[n] >= 0 && token[n] < num_tokens, "moe_lora_ffn (cpu): row ", n,
+                " reads token ", token[n], " of ", num_tokens);
+    for (int64_t e = 0; e < num_experts; ++e) {
+      if (!(w[n * num_experts + e] > 0.f)) continue;
+      const int64_t group = slot[n] * num_experts + e;
+      TORCH_CHECK(group >= 0 && group < num_groups, "moe_lora_ffn (cpu): slot ", slot[n],
+                  " expert ", e, " is past the tables' ", num_groups, " groups");
+      pairs.push_back({group, n, w[n * num_experts + e]});
+    }
+  }
   std::stable_sort(pairs.begin(), pairs.end(),
                    [](const Pair& l, const Pair& r) { return l.group < r.group; });
   const Args args{x.data_ptr<float>(),       gate_up.data_ptr<float>(),
-                  tokens.data_ptr<int64_t>(), a_gu.data_ptr<float>(),
+                  token,                      a_gu.data_ptr<float>(),
                   bt_gate.data_ptr<float>(),  bt_up.data_ptr<float>(),
                   a_down.data_ptr<float>(),   bt_down.data_ptr<float>(),
                   scale_gate.data_ptr<float>(), scale_up.data_ptr<float>(),

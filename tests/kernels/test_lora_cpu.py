@@ -153,3 +153,17 @@ def test_other_calls_fall_back_or_fail_when_forced(reason, args, monkeypatch):
     monkeypatch.setenv("MIXSERVE_KERNELS", "cpu")
     with pytest.raises(RuntimeError, match=reason):
         lora_apply(x, lora_a, lora_b, segments, None, out, group_scale=scale)
+
+
+def test_out_of_range_indices_are_errors_not_writes():
+    gen, sites = _pool_sites(10)
+    row_ids, group_ids, weights = joint_segments("decode", gen)
+    x = torch.randn(24, JOINT_HIDDEN, generator=gen)
+    lora_a, lora_b = sites.lora_as[1], sites.lora_bs[1]
+    out = torch.zeros(24, lora_b.shape[1])
+    coef = torch.ones(row_ids.shape[0], 1)
+    past_rows = Segments(row_ids + 1, group_ids, weights)  # row 24 of 24
+    past_groups = Segments(row_ids, group_ids + 1, weights)  # group 12 of 12
+    for bad in (past_rows, past_groups):
+        with pytest.raises(RuntimeError, match="is past"):
+            cpu.lora_apply_sites(x, lora_a, [lora_b], bad, coef, out)

@@ -160,3 +160,13 @@ def test_other_calls_fall_back_or_fail_when_forced(reason, args, monkeypatch):
     monkeypatch.setenv("MIXSERVE_KERNELS", "cpu")
     with pytest.raises(RuntimeError, match=reason):
         moe_lora_ffn(*args)
+
+
+def test_out_of_range_indices_are_errors_not_reads():
+    x, gate_up, rows, slots, weights, *experts = _case(
+        2, tokens=8, slots_used=[0, 1], num_slots=2, experts=4, k=2, rank=8
+    )
+    with pytest.raises(RuntimeError, match="past the tables"):
+        cpu.moe_lora_ffn(x, gate_up, rows, torch.full_like(slots, 2), weights, *experts)
+    with pytest.raises(RuntimeError, match="reads token"):
+        cpu.moe_lora_ffn(x, gate_up, rows + 8, slots, weights, *experts)
