@@ -173,7 +173,7 @@ def lora_apply(
         )
         return
     if use_compiled_cpu(x):
-        scales = None if group_scale is None else group_scale[:, None]
+        scales = None if group_scale is None else [group_scale]
         if _compiled_sites(x, lora_a, [lora_b], segments, coef, out, scales):
             return
     reference.lora_apply(x, lora_a, lora_b, segments, coef, out, group_scale)
@@ -217,8 +217,7 @@ def lora_apply_joint(
             )
         return
     if use_compiled_cpu(x):
-        scales = torch.stack(list(group_scales), 1)  # [G, n]
-        if _compiled_sites(x, lora_a, lora_bs, segments, None, out, scales):
+        if _compiled_sites(x, lora_a, lora_bs, segments, None, out, group_scales):
             return
     joint.lora_apply_joint(x, lora_a, lora_bs, segments, out, group_scales)
 
@@ -230,10 +229,10 @@ def _compiled_sites(
     segments: Segments,
     coef: torch.Tensor | None,
     out: torch.Tensor,
-    scales: torch.Tensor | None,
+    group_scales: Sequence[torch.Tensor] | None,
 ) -> bool:
     """Runs n sites through the compiled CPU kernel where it is built and takes the call
-    (coef [P], or None with scales [G, n]); False: the caller runs the reference."""
+    (coef [P], or None with group_scales n x [G]); False: the caller runs the reference."""
     from mixserve.kernels.lora import cpu
 
     if not take_compiled_cpu(cpu.module() is not None, cpu.why_not(x, lora_a, lora_bs, out)):
@@ -241,6 +240,7 @@ def _compiled_sites(
     segments = segments.trimmed()
     count = segments.num_assignments
     if count:
+        scales = None if group_scales is None else torch.stack(list(group_scales), 1)  # [G, n]
         site_coef = reference.assignment_coef(
             segments, None if coef is None else coef[:count, None], scales
         )  # [P, n]

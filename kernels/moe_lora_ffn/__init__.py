@@ -56,9 +56,10 @@ def moe_lora_ffn(
     if use_compiled_cpu(x):
         from mixserve.kernels.moe_lora_ffn import cpu
 
-        reason = cpu.why_not(x, gate_up, rows, slots, weights, gate, up, down, act)
+        got = cpu.joint_or_reason(x, gate_up, rows, slots, weights, gate, up, down, act)
+        reason = got if isinstance(got, str) else None
         if take_compiled_cpu(cpu.module() is not None, reason):
-            return cpu.moe_lora_ffn(x, gate_up, rows, slots, weights, gate, up, down)
+            return cpu.moe_lora_ffn(x, gate_up, rows, slots, weights, gate, up, down, got)
     return reference.moe_lora_ffn(x, gate_up, rows, slots, weights, gate, up, down, act)
 
 

@@ -30,7 +30,7 @@ def module() -> ModuleType | None:
     return _cpu_build.module()
 
 
-def why_not(
+def joint_or_reason(
     x: torch.Tensor,
     gate_up: torch.Tensor,
     rows: torch.Tensor,
@@ -40,8 +40,9 @@ def why_not(
     up: ExpertLora,
     down: ExpertLora,
     act: object,
-) -> str | None:
-    """None where the kernel computes this call, else the reason it does not."""
+) -> torch.Tensor | str:
+    """Gate's and up's A as one [G, 2R, H] view (`joint_lora_a`) where the kernel computes this
+    call, else the reason it does not: the dispatcher checks and gets the view in one pass."""
     rank, intermediate = gate.lora_a.shape[2], gate.lora_b.shape[2]
     checks = (
         (isinstance(act, torch.nn.SiLU) or act is torch.nn.functional.silu, "activation not SiLU"),
@@ -49,7 +50,6 @@ def why_not(
         (gate.lora_a.dtype == torch.float32, "adapter weights not float32"),
         (rank in RANKS, f"rank {rank} not in {RANKS}"),
         (x.shape[1] % VECTOR == 0 and intermediate % VECTOR == 0, "H or I not a multiple of 16"),
-        (joint_lora_a(gate.lora_a, up.lora_a) is not None, "gate/up A not in one storage"),
         (
             all(p.lora_b.mT.is_contiguous() for p in (gate, up, down))
             and down.lora_a.mT.is_contiguous(),
@@ -58,7 +58,18 @@ def why_not(
         (weights.dtype == torch.float32, "routing weights not float32"),
         (rows.dtype == torch.int64 and slots.dtype == torch.int64, "rows or slots not int64"),
     )
-    return _cpu_build.first_failure(checks)
+    reason = _cpu_build.first_failure(checks)
+    if reason is not None:
+        return reason
+    joint = joint_lora_a(gate.lora_a, up.lora_a)
+    return "gate/up A not in one storage" if joint is None else joint
+
+
+def why_not(*args: object) -> str | None:
+    """None where the kernel computes this call (joint_or_reason's arguments), else the reason
+    it does not."""
+    got = joint_or_reason(*args)  # type: ignore[arg-type]
+    return got if isinstance(got, str) else None
 
 
 def moe_lora_ffn(
@@ -70,13 +81,15 @@ def moe_lora_ffn(
     gate: ExpertLora,
     up: ExpertLora,
     down: ExpertLora,
+    joint: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H], gate_up [T, 2I] float32; rows, slots [N] int64; weights [N, E] float32 (0 = not
-    selected). Returns hidden [N, I] and down_delta [N, H] float32. The caller checked `why_not`
-    and `module()`."""
+    selected); joint: joint_or_reason's view, if the caller has it. Returns hidden [N, I] and
+    down_delta [N, H] float32. The caller checked `why_not` and `module()`."""
     kernel = module()
     assert kernel is not None
-    joint = joint_lora_a(gate.lora_a, up.lora_a)
+    if joint is None:
+        joint = joint_lora_a(gate.lora_a, up.lora_a)
     assert joint is not None
     hidden, down_delta = kernel.moe_lora_ffn(
         x.contiguous(),
